@@ -1,0 +1,28 @@
+"""jaxembed: Keras 3's `Embedding` layer as pure JAX functions with thin Flax wrappers.
+
+The public API, re-exported; everything is defined in the modules named beside each group.
+"""
+
+from jaxembed import constraints, functional, initializers, linen, regularizers
+from jaxembed.constraints import apply_constraint, keep_embeddings_constrained
+from jaxembed.functional import apply, attend, compute_mask, init
+from jaxembed.linen import Embedding
+from jaxembed.regularizers import regularization_penalty
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Embedding",
+    "apply",
+    "apply_constraint",
+    "attend",
+    "compute_mask",
+    "constraints",
+    "functional",
+    "init",
+    "initializers",
+    "keep_embeddings_constrained",
+    "linen",
+    "regularization_penalty",
+    "regularizers",
+]

@@ -1,0 +1,220 @@
+"""Argument validation shared by every public function: one place for each error message.
+
+Each check names the argument, the value received and what was expected, so a user can fix
+the call from the message alone.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+OUT_OF_RANGE_POLICIES = ("error", "fill", "clip")
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} (of type {type(value).__name__})"
+
+
+def positive_int(name: str, value: Any) -> int:
+    """Returns `value` if it is a positive Python/NumPy integer (not a bool), else raises."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={_describe(value)}."
+        )
+    return int(value)
+
+
+def non_negative_float(name: str, value: Any) -> float:
+    """Returns `value` as a float if it is a finite number >= 0, else raises."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not np.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            f"`{name}` must be a finite non-negative number. Received: {name}={_describe(value)}."
+        )
+    return float(value)
+
+
+def one_of(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Returns `value` if it is one of `choices`, else raises listing them."""
+    choices = tuple(choices)
+    if not isinstance(value, str | bool | int | type(None)) or value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {list(choices)}. Received: {name}={_describe(value)}."
+        )
+    return value
+
+
+def axis_of_matrix(name: str, value: Any) -> int:
+    """Returns `value` if it is an axis of a 2-D matrix (0, 1, -1 or -2), else raises."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not -2 <= value <= 1:
+        raise ValueError(
+            f"`{name}` must be an axis of the 2-D embeddings matrix (0 or 1). "
+            f"Received: {name}={_describe(value)}."
+        )
+    return int(value)
+
+
+def out_of_range_policy(value: Any) -> str:
+    """Returns `value` if it is a known out-of-range policy, else raises."""
+    return one_of("out_of_range", value, OUT_OF_RANGE_POLICIES)
+
+
+def floating_dtype(name: str, value: Any) -> jnp.dtype:
+    """Returns `value` as a NumPy dtype if it names a floating-point dtype, else raises."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"`{name}` must be a floating-point dtype such as jnp.float32 or jnp.bfloat16. "
+            f"Received: {name}={_describe(value)}."
+        )
+    return dtype
+
+
+def optional_floating_dtype(name: str, value: Any) -> jnp.dtype | None:
+    """As `floating_dtype`, but `None` passes through (meaning: follow the params)."""
+    return None if value is None else floating_dtype(name, value)
+
+
+def integer_ids(ids: Any, name: str = "ids") -> jax.Array:
+    """Returns `ids` as an integer JAX array; refuses floats and bools instead of truncating.
+
+    Integer types narrower than 32 bits are widened to int32, so that comparisons with the
+    vocabulary size (which may not fit in int8) and the out-of-range sentinel are exact.
+    """
+    dtype = getattr(ids, "dtype", None)
+    if dtype is None:
+        # Python ints and nested lists: let NumPy infer, so 1.5 in a list is caught below.
+        dtype = np.asarray(ids).dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"`{name}` must hold integers (token indices). Received: {name} of dtype {dtype}. "
+            "Floating-point or boolean ids are refused rather than truncated: cast them "
+            "yourself with `ids.astype(jnp.int32)` if truncation is what you want."
+        )
+    ids = jnp.asarray(ids)
+    if ids.dtype.itemsize < 4:
+        ids = ids.astype(jnp.int32)
+    return ids
+
+
+def is_traced(value: Any) -> bool:
+    """True when `value` is abstract (inside jit, vmap, grad...), so its values are unknown."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def first_out_of_range(ids: jax.Array, input_dim: int) -> int | None:
+    """For concrete ids: the first id outside [0, input_dim), or None when all are valid."""
+    host_ids = np.asarray(ids)
+    bad = (host_ids < 0) | (host_ids >= input_dim)
+    if not bad.any():
+        return None
+    return int(host_ids[bad].flat[0])
+
+
+def out_of_range_message(input_dim: int, bad_id: Any) -> str:
+    """The message for an id outside the vocabulary; `bad_id` may be a checkify format field."""
+    return (
+        f"`ids` must lie in [0, input_dim) = [0, {input_dim}); got id {bad_id}. "
+        "Pass out_of_range='clip' to clamp such ids or out_of_range='fill' to get NaN rows."
+    )
+
+
+def weights_matrix(weights: Any, input_dim: int, output_dim: int, dtype: Any) -> jax.Array:
+    """Returns `weights` as a new `(input_dim, output_dim)` array of `dtype`, or raises.
+
+    A Keras-style one-element list `[matrix]` is accepted and unwrapped. The caller's object is
+    never modified: the result is a fresh JAX array.
+    """
+    if is_traced(weights):
+        array = weights
+    else:
+        try:
+            array = np.asarray(weights)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"`weights` must be a numeric matrix of shape ({input_dim}, {output_dim}). "
+                f"Received: weights={_describe(weights)}, which is not array-like ({error})."
+            ) from None
+        if array.ndim == 3 and array.shape[0] == 1:
+            array = array[0]
+    if array.ndim != 2:
+        raise ValueError(
+            f"`weights` must be a 2-D matrix of shape ({input_dim}, {output_dim}). "
+            f"Received: weights of shape {tuple(array.shape)} ({array.ndim}-D)."
+        )
+    if tuple(array.shape) != (input_dim, output_dim):
+        raise ValueError(
+            f"`weights` must have shape (input_dim, output_dim) = ({input_dim}, {output_dim}). "
+            f"Received: weights of shape {tuple(array.shape)}."
+        )
+    kind = np.dtype(array.dtype).kind
+    if kind not in "iuf" and array.dtype != jnp.bfloat16:
+        raise ValueError(
+            "`weights` must hold real numbers (integer or floating-point). "
+            f"Received: weights of dtype {array.dtype}."
+        )
+    if not is_traced(array) and not np.all(np.isfinite(np.asarray(array, dtype=np.float64))):
+        count = int(np.size(array) - np.isfinite(np.asarray(array, dtype=np.float64)).sum())
+        raise ValueError(
+            f"`weights` must be finite. Received: weights with {count} NaN or infinite "
+            "value(s)."
+        )
+    return jnp.array(array, dtype=dtype)
+
+
+def unknown_identifier(name: str, value: Any, names: Iterable[str]) -> ValueError:
+    """The error for a value that is neither a known name nor a callable."""
+    valid = sorted(names)
+    if isinstance(value, str):
+        return ValueError(f"Unknown `{name}`: {value!r}. Expected one of {valid}, or a callable.")
+    return ValueError(
+        f"`{name}` must be one of {valid} or a callable. Received: {name}={_describe(value)}."
+    )
+
+
+def last_dim(name: str, array: jax.Array, expected: int, expected_name: str) -> None:
+    if array.ndim == 0 or array.shape[-1] != expected:
+        raise ValueError(
+            f"`{name}` must have last dimension {expected_name}={expected}. "
+            f"Received: {name} of shape {tuple(array.shape)}."
+        )
+
+
+def floating_array(name: str, value: Any) -> jax.Array:
+    array = jnp.asarray(value)
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` must be a floating-point array. Received: {name} of dtype {array.dtype}."
+        )
+    return array
+
+
+def embeddings_table(params: Any) -> jax.Array:
+    """Returns params["embeddings"], checked to be a 2-D floating-point table."""
+    if not isinstance(params, dict) or "embeddings" not in params:
+        keys = list(params) if isinstance(params, dict) else None
+        raise ValueError(
+            "`params` must be a dict holding the table under 'embeddings' (as returned by "
+            f"jaxembed.init). Received: params={_describe(params) if keys is None else keys}."
+        )
+    table = params["embeddings"]
+    if getattr(table, "ndim", None) != 2:
+        raise ValueError(
+            "params['embeddings'] must be a 2-D (input_dim, output_dim) array. "
+            f"Received: shape {getattr(table, 'shape', None)}."
+        )
+    return table
+

@@ -1,0 +1,124 @@
+"""`flax.linen` Embedding: declares the params and calls the pure functions, nothing else.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxembed
+    >>> layer = jaxembed.Embedding(1000, 64)
+    >>> ids = jnp.ones((32, 10), jnp.int32)
+    >>> variables = layer.init(jax.random.key(0), ids)
+    >>> layer.apply(variables, ids).shape
+    (32, 10, 64)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
+
+from jaxembed import _checks, constraints, functional, initializers, regularizers
+
+VOCAB_AXIS = "vocab"
+EMBED_AXIS = "embed"
+TABLE_AXES = (VOCAB_AXIS, EMBED_AXIS)
+"""Logical partitioning axes of the table; map them to mesh axes with `nn.logical_axis_rules`."""
+
+
+class Embedding(nn.Module):
+    """Keras's `Embedding` as a `flax.linen.Module`, with Keras's argument names and defaults.
+
+    Attributes:
+        input_dim: vocabulary size (largest id + 1).
+        output_dim: embedding dimension.
+        embeddings_initializer: Keras initializer name or JAX initializer; default "uniform"
+            (U(-0.05, 0.05)).
+        embeddings_regularizer: Keras regularizer name or callable. Its penalty is sown into
+            the "losses" collection as "embeddings_regularization" on every `__call__`.
+        embeddings_constraint: Keras constraint name or callable; enforce it with
+            `jaxembed.keep_embeddings_constrained` last in the optax chain.
+        mask_zero: whether id 0 is padding (see `compute_mask`).
+        weights: optional initial `(input_dim, output_dim)` matrix.
+        out_of_range: "error" (default), "fill" (NaN rows) or "clip"; see `jaxembed.apply`.
+        dtype: output dtype; None keeps `param_dtype`.
+        param_dtype: storage dtype of the table.
+
+    The table is param "embeddings" with logical axes ("vocab", "embed").
+    """
+
+    input_dim: int
+    output_dim: int
+    embeddings_initializer: initializers.InitializerLike = "uniform"
+    embeddings_regularizer: regularizers.RegularizerLike = None
+    embeddings_constraint: constraints.ConstraintLike = None
+    mask_zero: bool = False
+    weights: ArrayLike | None = None
+    out_of_range: str = "error"
+    dtype: DTypeLike | None = None
+    param_dtype: DTypeLike = jnp.float32
+
+    def __post_init__(self) -> None:
+        # Fail at construction, as Keras does, not at first call.
+        functional.table_initializer(
+            self.input_dim, self.output_dim, self.embeddings_initializer, self.weights
+        )
+        regularizers.get(self.embeddings_regularizer)
+        constraints.get(self.embeddings_constraint)
+        _checks.one_of("mask_zero", self.mask_zero, (True, False))
+        _checks.out_of_range_policy(self.out_of_range)
+        _checks.optional_floating_dtype("dtype", self.dtype)
+        _checks.floating_dtype("param_dtype", self.param_dtype)
+        super().__post_init__()
+
+    def setup(self) -> None:
+        init_fn = functional.table_initializer(
+            self.input_dim, self.output_dim, self.embeddings_initializer, self.weights
+        )
+        self.embeddings = self.param(
+            "embeddings",
+            nn.with_logical_partitioning(init_fn, TABLE_AXES),
+            (self.input_dim, self.output_dim),
+            self.param_dtype,
+        )
+
+    def _params(self) -> functional.Params:
+        return {"embeddings": self.embeddings}
+
+    def __call__(self, ids: ArrayLike) -> jax.Array:
+        """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)`."""
+        params = self._params()
+        if self.embeddings_regularizer is not None:
+            # Overwrite rather than append: one penalty per layer however often it is called.
+            self.sow(
+                "losses",
+                "embeddings_regularization",
+                regularizers.regularization_penalty(params, self.embeddings_regularizer),
+                init_fn=lambda: jnp.zeros(()),
+                reduce_fn=lambda _, new: new,
+            )
+        return functional.apply(params, ids, dtype=self.dtype, out_of_range=self.out_of_range)
+
+    def compute_mask(self, ids: ArrayLike) -> jax.Array | None:
+        """`ids != 0` when `mask_zero`, else None."""
+        return functional.compute_mask(ids, self.mask_zero)
+
+    def attend(self, query: ArrayLike) -> jax.Array:
+        """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`."""
+        return functional.attend(self._params(), query, dtype=self.dtype)
+
+
+def losses(variables: Any) -> jax.Array:
+    """Sum of everything sown into the "losses" collection (0.0 when there is none).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxembed
+        >>> layer = jaxembed.Embedding(10, 4, embeddings_regularizer="l2")
+        >>> variables = layer.init(jax.random.key(0), jnp.zeros((2,), jnp.int32))
+        >>> _, state = layer.apply(variables, jnp.zeros((2,), jnp.int32), mutable=["losses"])
+        >>> float(jaxembed.linen.losses(state)) > 0
+        True
+    """
+    collection = variables.get("losses", {}) if isinstance(variables, dict) else {}
+    leaves = jax.tree_util.tree_leaves(collection)
+    return sum((jnp.sum(leaf) for leaf in leaves), start=jnp.zeros(()))

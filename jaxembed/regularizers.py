@@ -1,0 +1,147 @@
+"""Keras regularizer names -> penalty functions `matrix -> scalar`, and the penalty of params.
+
+The factories take Keras's arguments and defaults and compute Keras's formulas in the matrix's
+dtype, so the penalty equals `keras.regularizers.get(name)(matrix)`.
+
+Example:
+    >>> import jax.numpy as jnp, jaxembed
+    >>> params = {"embeddings": jnp.ones((10, 4))}
+    >>> round(float(jaxembed.regularization_penalty(params, "l2")), 6)  # 0.01 * 40
+    0.4
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import jax
+import jax.numpy as jnp
+
+from jaxembed import _checks
+
+Regularizer: TypeAlias = Callable[[jax.Array], jax.Array]
+"""`matrix -> scalar penalty`."""
+
+RegularizerLike: TypeAlias = str | Regularizer | None
+
+# Keras's backend.epsilon(), the floor under norms in its normalize().
+_EPSILON = 1e-7
+
+
+def _l1_penalty(factor: float, x: jax.Array) -> jax.Array:
+    return jnp.asarray(factor, x.dtype) * jnp.sum(jnp.abs(x))
+
+
+def _l2_penalty(factor: float, x: jax.Array) -> jax.Array:
+    return jnp.asarray(factor, x.dtype) * jnp.sum(jnp.square(x))
+
+
+def l1(l1: float = 0.01) -> Regularizer:  # noqa: E741 -- Keras's argument name.
+    """Keras `L1`: `l1 * sum(|x|)`."""
+    factor = _checks.non_negative_float("l1", l1)
+    return lambda x: _l1_penalty(factor, x)
+
+
+def l2(l2: float = 0.01) -> Regularizer:
+    """Keras `L2`: `l2 * sum(x**2)`."""
+    factor = _checks.non_negative_float("l2", l2)
+    return lambda x: _l2_penalty(factor, x)
+
+
+def l1_l2(l1: float = 0.01, l2: float = 0.01) -> Regularizer:  # noqa: E741
+    """Keras `L1L2`: `l1 * sum(|x|) + l2 * sum(x**2)`.
+
+    The defaults are those Keras documents for the name "l1_l2" (0.01 each). Keras 3 itself
+    refuses the string "l1_l2" and gives zero factors for "l1l2"; see README, differences.
+    """
+    factor_l1 = _checks.non_negative_float("l1", l1)
+    factor_l2 = _checks.non_negative_float("l2", l2)
+    return lambda x: _l1_penalty(factor_l1, x) + _l2_penalty(factor_l2, x)
+
+
+def orthogonal_regularizer(factor: float = 0.01, mode: str = "rows") -> Regularizer:
+    """Keras `OrthogonalRegularizer`: mean |cosine| between distinct rows (or columns).
+
+    Warning: in "rows" mode this builds an `(input_dim, input_dim)` matrix; keep it for small
+    vocabularies.
+    """
+    factor = _checks.non_negative_float("factor", factor)
+    _checks.one_of("mode", mode, ("rows", "columns"))
+    axis = 1 if mode == "rows" else 0
+
+    def penalty(x: jax.Array) -> jax.Array:
+        inv_norm = jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+        unit = x * jnp.minimum(inv_norm, 1.0 / _EPSILON)
+        product = unit @ unit.T if mode == "rows" else unit.T @ unit
+        size = product.shape[0]
+        off_diagonal = product * (1.0 - jnp.eye(size, dtype=x.dtype))
+        num_pairs = size * (size - 1.0) / 2.0
+        return factor * 0.5 * jnp.sum(jnp.abs(off_diagonal)) / num_pairs
+
+    return penalty
+
+
+_FACTORIES: dict[str, Callable[[], Regularizer]] = {
+    "l1": l1,
+    "l2": l2,
+    "l1_l2": l1_l2,
+    "orthogonal_regularizer": orthogonal_regularizer,
+}
+_ALIASES = {"l1l2": "l1_l2", "orthogonal": "orthogonal_regularizer"}
+_CLASS_NAMES = {"L1": "l1", "L2": "l2", "L1L2": "l1_l2", "OrthogonalRegularizer": "orthogonal"}
+NAMES: tuple[str, ...] = tuple(sorted({*_FACTORIES, *_ALIASES, *_CLASS_NAMES}))
+"""Every regularizer name `get` accepts."""
+
+
+def get(identifier: Any) -> Regularizer | None:
+    """Resolves a Keras regularizer name or passes a callable through; `None` stays `None`.
+
+    Args:
+        identifier: None, a name ("l1", "l2", "l1_l2", "L2", ...), or any callable
+            `matrix -> scalar`: a factory result such as `l2(0.1)`, or a Keras regularizer
+            instance such as `keras.regularizers.L2(0.1)` on the JAX backend.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the valid ones) or a non-callable.
+
+    Example:
+        >>> import jaxembed
+        >>> jaxembed.regularizers.get(None) is None
+        True
+    """
+    if identifier is None:
+        return None
+    if isinstance(identifier, str):
+        name = _CLASS_NAMES.get(identifier, identifier)
+        name = _ALIASES.get(name, name)
+        if name in _FACTORIES:
+            return _FACTORIES[name]()
+    elif callable(identifier):
+        return identifier
+    raise _checks.unknown_identifier("embeddings_regularizer", identifier, NAMES)
+
+
+def regularization_penalty(params: dict[str, jax.Array], embeddings_regularizer: Any) -> jax.Array:
+    """The penalty of the embeddings table, a scalar to add to the training loss.
+
+    Args:
+        params: a jaxembed params dict with the `(input_dim, output_dim)` table under
+            "embeddings".
+        embeddings_regularizer: as accepted by `get`. `None` gives a penalty of 0.
+
+    Returns:
+        A scalar array in the table's dtype, equal to Keras's `layer.losses` term for the
+        same matrix.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> params = {"embeddings": -jnp.ones((3, 2))}
+        >>> float(jaxembed.regularization_penalty(params, jaxembed.regularizers.l1(0.5)))
+        3.0
+    """
+    table = _checks.embeddings_table(params)
+    regularizer = get(embeddings_regularizer)
+    if regularizer is None:
+        return jnp.zeros((), table.dtype)
+    return jnp.asarray(regularizer(table))
