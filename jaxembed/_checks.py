@@ -132,11 +132,11 @@ def out_of_range_message(input_dim: int, bad_id: Any) -> str:
     )
 
 
-def weights_matrix(weights: Any, input_dim: int, output_dim: int, dtype: Any) -> jax.Array:
-    """Returns `weights` as a new `(input_dim, output_dim)` array of `dtype`, or raises.
+def weights_matrix(weights: Any, input_dim: int, output_dim: int) -> Any:
+    """Returns `weights` as a checked `(input_dim, output_dim)` array of real numbers, or raises.
 
-    A Keras-style one-element list `[matrix]` is accepted and unwrapped. The caller's object is
-    never modified: the result is a fresh JAX array.
+    A Keras-style one-element list `[matrix]` is accepted and unwrapped. The result may share
+    memory with `weights`: copy it (`jnp.array`) before use so the caller's object stays intact.
     """
     if is_traced(weights):
         array = weights
@@ -172,7 +172,7 @@ def weights_matrix(weights: Any, input_dim: int, output_dim: int, dtype: Any) ->
             f"`weights` must be finite. Received: weights with {count} NaN or infinite "
             "value(s)."
         )
-    return jnp.array(array, dtype=dtype)
+    return array
 
 
 def unknown_identifier(name: str, value: Any, names: Iterable[str]) -> ValueError:

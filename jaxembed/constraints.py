@@ -206,7 +206,10 @@ def keep_embeddings_constrained(
         updates: Any, state: KeepConstrainedState, params: Any = None
     ) -> tuple[Any, KeepConstrainedState]:
         if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise ValueError(
+                "keep_embeddings_constrained needs the current params: call "
+                "`tx.update(updates, state, params)`. Received: params=None."
+            )
 
         def project(path: tuple[Any, ...], update: jax.Array, param: jax.Array) -> jax.Array:
             if not _is_param_named(path, param_name):

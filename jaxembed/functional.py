@@ -48,11 +48,13 @@ def table_initializer(
     input_dim = _checks.positive_int("input_dim", input_dim)
     output_dim = _checks.positive_int("output_dim", output_dim)
     draw = initializers.get(embeddings_initializer)
+    if weights is not None:
+        weights = _checks.weights_matrix(weights, input_dim, output_dim)
 
     def init_fn(key: jax.Array | None, shape: tuple[int, ...], dtype: DTypeLike) -> jax.Array:
         dtype = _checks.floating_dtype("param_dtype", dtype)
         if weights is not None:
-            return _checks.weights_matrix(weights, input_dim, output_dim, dtype)
+            return jnp.array(weights, dtype=dtype)  # a copy: the caller's matrix stays intact
         if key is None:
             raise ValueError(
                 "`key` must be a JAX PRNG key (jax.random.key(seed)) unless `weights` is given. "

@@ -83,7 +83,14 @@ def identity(gain: float = 1.0) -> Initializer:
 
 def orthogonal(gain: float = 1.0) -> Initializer:
     """Keras `Orthogonal`: orthonormal rows or columns (whichever are fewer), times `gain`."""
-    return jax.nn.initializers.orthogonal(scale=gain)
+    draw = jax.nn.initializers.orthogonal(scale=gain)
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32) -> jax.Array:
+        # The QR decomposition has no bfloat16/float16 kernel on CPU: draw wide, then cast.
+        wide = jnp.promote_types(dtype, jnp.float32)
+        return draw(key, shape, wide).astype(dtype)
+
+    return init
 
 
 _DISTRIBUTIONS = {

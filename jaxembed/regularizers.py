@@ -37,7 +37,7 @@ def _l2_penalty(factor: float, x: jax.Array) -> jax.Array:
     return jnp.asarray(factor, x.dtype) * jnp.sum(jnp.square(x))
 
 
-def l1(l1: float = 0.01) -> Regularizer:  # noqa: E741 -- Keras's argument name.
+def l1(l1: float = 0.01) -> Regularizer:
     """Keras `L1`: `l1 * sum(|x|)`."""
     factor = _checks.non_negative_float("l1", l1)
     return lambda x: _l1_penalty(factor, x)
@@ -49,7 +49,7 @@ def l2(l2: float = 0.01) -> Regularizer:
     return lambda x: _l2_penalty(factor, x)
 
 
-def l1_l2(l1: float = 0.01, l2: float = 0.01) -> Regularizer:  # noqa: E741
+def l1_l2(l1: float = 0.01, l2: float = 0.01) -> Regularizer:
     """Keras `L1L2`: `l1 * sum(|x|) + l2 * sum(x**2)`.
 
     The defaults are those Keras documents for the name "l1_l2" (0.01 each). Keras 3 itself
