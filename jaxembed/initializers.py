@@ -93,10 +93,11 @@ def orthogonal(gain: float = 1.0) -> Initializer:
     return init
 
 
+# Keras reads "normal" as the truncated normal (a legacy name); "untruncated_normal" is not.
 _DISTRIBUTIONS = {
     "truncated_normal": "truncated_normal",
+    "normal": "truncated_normal",
     "untruncated_normal": "normal",
-    "normal": "normal",
     "uniform": "uniform",
 }
 
@@ -109,6 +110,7 @@ def variance_scaling(
     For the `(input_dim, output_dim)` table, fan_in is `input_dim` and fan_out `output_dim`,
     as Keras computes them for 2-D shapes.
     """
+    _checks.positive_number("scale", scale)
     _checks.one_of("mode", mode, ("fan_in", "fan_out", "fan_avg"))
     _checks.one_of("distribution", distribution, tuple(_DISTRIBUTIONS))
     return jax.nn.initializers.variance_scaling(scale, mode, _DISTRIBUTIONS[distribution])

@@ -85,7 +85,7 @@ def orthogonal_regularizer(factor: float = 0.01, mode: str = "rows") -> Regulari
 _FACTORIES: dict[str, Callable[[], Regularizer]] = {
     "l1": l1,
     "l2": l2,
-    "l1_l2": l1_l2,
+    "l1_l2": lambda: l1_l2(0.01, 0.01),
     "orthogonal_regularizer": orthogonal_regularizer,
 }
 _ALIASES = {"l1l2": "l1_l2", "orthogonal": "orthogonal_regularizer"}
@@ -123,16 +123,18 @@ def get(identifier: Any) -> Regularizer | None:
 
 
 def regularization_penalty(params: dict[str, jax.Array], embeddings_regularizer: Any) -> jax.Array:
-    """The penalty of the embeddings table, a scalar to add to the training loss.
+    """The penalty of the trainable weights, a scalar to add to the training loss.
+
+    As Keras, the penalty covers the trainable weights: the table, or, under LoRA (table
+    frozen), `regularizer(A) + regularizer(B)`.
 
     Args:
         params: a jaxembed params dict with the `(input_dim, output_dim)` table under
-            "embeddings".
+            "embeddings" (and a LoRA adapter, if enabled).
         embeddings_regularizer: as accepted by `get`. `None` gives a penalty of 0.
 
     Returns:
-        A scalar array in the table's dtype, equal to Keras's `layer.losses` term for the
-        same matrix.
+        A scalar array, equal to the sum of Keras's `layer.losses` for the same weights.
 
     Example:
         >>> import jax.numpy as jnp, jaxembed
@@ -141,7 +143,9 @@ def regularization_penalty(params: dict[str, jax.Array], embeddings_regularizer:
         3.0
     """
     table = _checks.embeddings_table(params)
+    adapter = _checks.lora_weights(params)
     regularizer = get(embeddings_regularizer)
     if regularizer is None:
         return jnp.zeros((), table.dtype)
-    return jnp.asarray(regularizer(table))
+    penalties = [jnp.asarray(regularizer(weight)) for weight in adapter or (table,)]
+    return sum(penalties[1:], start=penalties[0])
