@@ -3,10 +3,11 @@
 The public API, re-exported; everything is defined in the modules named beside each group.
 """
 
-from jaxembed import constraints, functional, initializers, linen, regularizers
+from jaxembed import constraints, functional, initializers, linen, lora, regularizers
 from jaxembed.constraints import apply_constraint, keep_embeddings_constrained
 from jaxembed.functional import apply, attend, compute_mask, init
 from jaxembed.linen import Embedding
+from jaxembed.lora import enable_lora, freeze_lora_base, merge_lora
 from jaxembed.regularizers import regularization_penalty
 
 __version__ = "0.1.0"
@@ -18,11 +19,15 @@ __all__ = [
     "attend",
     "compute_mask",
     "constraints",
+    "enable_lora",
+    "freeze_lora_base",
     "functional",
     "init",
     "initializers",
     "keep_embeddings_constrained",
     "linen",
+    "lora",
+    "merge_lora",
     "regularization_penalty",
     "regularizers",
 ]

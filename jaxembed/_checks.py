@@ -202,6 +202,20 @@ def floating_array(name: str, value: Any) -> jax.Array:
     return array
 
 
+def positive_number(name: str, value: Any) -> float:
+    """Returns `value` as a float if it is a finite number > 0, else raises."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not np.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(
+            f"`{name}` must be a finite positive number. Received: {name}={_describe(value)}."
+        )
+    return float(value)
+
+
 def embeddings_table(params: Any) -> jax.Array:
     """Returns params["embeddings"], checked to be a 2-D floating-point table."""
     if not isinstance(params, dict) or "embeddings" not in params:
@@ -211,6 +225,11 @@ def embeddings_table(params: Any) -> jax.Array:
             f"jaxembed.init). Received: params={_describe(params) if keys is None else keys}."
         )
     table = params["embeddings"]
+    if hasattr(table, "unbox"):
+        raise ValueError(
+            "params['embeddings'] is a boxed flax param "
+            f"({type(table).__name__}); unbox the variables first: `flax.linen.unbox(params)`."
+        )
     if getattr(table, "ndim", None) != 2:
         raise ValueError(
             "params['embeddings'] must be a 2-D (input_dim, output_dim) array. "
@@ -218,3 +237,36 @@ def embeddings_table(params: Any) -> jax.Array:
         )
     return table
 
+
+
+LORA_A = "lora_embeddings_a"
+LORA_B = "lora_embeddings_b"
+
+
+def lora_weights(params: dict[str, Any]) -> tuple[jax.Array, jax.Array] | None:
+    """Returns (A, B) when params hold a LoRA adapter, checked against the table; else None."""
+    present = [key for key in (LORA_A, LORA_B) if key in params]
+    if not present:
+        return None
+    if len(present) == 1:
+        raise ValueError(
+            f"params hold {present[0]!r} but not its partner: a LoRA adapter needs both "
+            f"{LORA_A!r} (input_dim, rank) and {LORA_B!r} (rank, output_dim)."
+        )
+    input_dim, output_dim = embeddings_table(params).shape
+    a, b = params[LORA_A], params[LORA_B]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != input_dim or b.shape != (a.shape[1], output_dim):
+        raise ValueError(
+            f"LoRA weights must have shapes {LORA_A}=(input_dim, rank)=({input_dim}, rank) and "
+            f"{LORA_B}=(rank, output_dim)=(rank, {output_dim}). Received: "
+            f"{tuple(a.shape)} and {tuple(b.shape)}."
+        )
+    return a, b
+
+
+def no_lora_with_constraint(function: str) -> ValueError:
+    """Keras refuses LoRA together with an embeddings constraint; so do we."""
+    return ValueError(
+        f"{function}: LoRA is incompatible with embedding constraints (as in Keras): the table "
+        "is frozen under LoRA. Remove the `embeddings_constraint`, or merge the adapter first."
+    )

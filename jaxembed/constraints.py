@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxembed import _checks
+from jaxembed import _checks, _paths
 
 Constraint: TypeAlias = Callable[[jax.Array], jax.Array]
 """`matrix -> projected matrix` of the same shape."""
@@ -144,20 +144,9 @@ def apply_constraint(
     constraint = get(embeddings_constraint)
     if constraint is None:
         return dict(params)
+    if _checks.lora_weights(params) is not None:
+        raise _checks.no_lora_with_constraint("apply_constraint")
     return {**params, "embeddings": jnp.asarray(constraint(table)).astype(table.dtype)}
-
-
-def _is_param_named(path: tuple[Any, ...], param_name: str) -> bool:
-    """True when the last named key of `path` is `param_name`.
-
-    Trailing "value" keys are skipped: flax wraps params in boxes (`nn.LogicallyPartitioned`,
-    `nnx.Variable`) whose array sits under an attribute of that name.
-    """
-    names = [getattr(key, "key", getattr(key, "name", None)) for key in path]
-    names = [name for name in names if name is not None]
-    while names and names[-1] == "value":
-        names.pop()
-    return bool(names) and names[-1] == param_name
 
 
 class KeepConstrainedState(NamedTuple):
@@ -210,9 +199,11 @@ def keep_embeddings_constrained(
                 "keep_embeddings_constrained needs the current params: call "
                 "`tx.update(updates, state, params)`. Received: params=None."
             )
+        if _paths.tables_beside_lora(params):
+            raise _checks.no_lora_with_constraint("keep_embeddings_constrained")
 
         def project(path: tuple[Any, ...], update: jax.Array, param: jax.Array) -> jax.Array:
-            if not _is_param_named(path, param_name):
+            if _paths.param_name(path) != param_name:
                 return update
             projected = jnp.asarray(constraint(param + update)).astype(param.dtype)
             return (projected - param).astype(update.dtype)

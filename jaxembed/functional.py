@@ -127,20 +127,31 @@ def check_in_range(ids: jax.Array, input_dim: int) -> None:
     )
 
 
-def gather_rows(table: jax.Array, ids: jax.Array, out_of_range: str) -> jax.Array:
-    """`table[ids]` under an out-of-range policy; ids already validated as integers.
+def prepare_ids(ids: jax.Array, input_dim: int, out_of_range: str) -> tuple[jax.Array, str]:
+    """Applies the out-of-range policy to validated integer ids, once for every gathered matrix.
 
-    "fill" gives NaN rows for ids outside [0, input_dim), negative ones included (plain
-    `jnp.take` would wrap -1 to the last row); "clip" clamps; "error" checks, then clamps so
-    that the gather never reads out of bounds.
+    Returns the ids to gather with and the gather mode: "fill" keeps the ids and gathers with
+    NaN fill (negative ids included: plain `jnp.take` would wrap -1 to the last row); "clip"
+    clamps; "error" checks, then clamps so that the gather never reads out of bounds.
     """
-    input_dim = table.shape[0]
     if out_of_range == "fill":
-        return table.at[ids].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
+        return ids, "fill"
     if out_of_range == "error":
         check_in_range(ids, input_dim)
-    ids = jnp.clip(ids, 0, input_dim - 1)
-    return table.at[ids].get(mode="promise_in_bounds", wrap_negative_indices=False)
+    return jnp.clip(ids, 0, input_dim - 1), "promise_in_bounds"
+
+
+def take_rows(matrix: jax.Array, ids: jax.Array, mode: str) -> jax.Array:
+    """`matrix[ids]` with ids and mode from `prepare_ids`: shape `ids.shape + matrix.shape[1:]`."""
+    fill_value = jnp.nan if mode == "fill" else None
+    return matrix.at[ids].get(mode=mode, fill_value=fill_value, wrap_negative_indices=False)
+
+
+def lora_scale(rank: int, lora_alpha: float | None) -> float:
+    """`lora_alpha / rank`, with alpha defaulting to the rank (a scale of 1), as Keras."""
+    if lora_alpha is None:
+        return 1.0
+    return _checks.positive_number("lora_alpha", lora_alpha) / rank
 
 
 def apply(
@@ -149,17 +160,23 @@ def apply(
     *,
     dtype: DTypeLike | None = None,
     out_of_range: str = "error",
+    lora_alpha: float | None = None,
 ) -> jax.Array:
-    """Looks up the embedding of every id.
+    """Looks up the embedding of every id, adding the LoRA delta when params hold an adapter.
+
+    With LoRA the output is `E[ids] + (lora_alpha / rank) * A[ids] @ B`: the rows of A are
+    gathered first, so the `(input_dim, output_dim)` delta `A @ B` is never built. The sum is
+    computed in at least float32 (A and B are float32), then cast to `dtype`.
 
     Args:
-        params: from `init`.
+        params: from `init` (and `enable_lora`).
         ids: integer array of any shape, a scalar included; floats and bools are refused.
         dtype: output dtype (e.g. jnp.bfloat16 from float32 params); None keeps the table's.
         out_of_range: what ids outside [0, input_dim) give:
             "error" (default): an `IndexError` naming the id, at once for concrete ids; under
             `jax.jit` the function must be wrapped in `jax.experimental.checkify.checkify`.
             "fill": NaN rows. "clip": the nearest valid row.
+        lora_alpha: LoRA scale numerator; None means the rank (read from A's shape).
 
     Returns:
         Array of shape `ids.shape + (output_dim,)`.
@@ -176,10 +193,18 @@ def apply(
         True
     """
     table = _checks.embeddings_table(params)
+    adapter = _checks.lora_weights(params)
     ids = _checks.integer_ids(ids)
     out_of_range = _checks.out_of_range_policy(out_of_range)
     dtype = _checks.optional_floating_dtype("dtype", dtype) or table.dtype
-    return gather_rows(table, ids, out_of_range).astype(dtype)
+    ids, mode = prepare_ids(ids, table.shape[0], out_of_range)
+    rows = take_rows(table, ids, mode)
+    if adapter is None:
+        return rows.astype(dtype)
+    a, b = adapter
+    scale = lora_scale(a.shape[1], lora_alpha)
+    delta = take_rows(a, ids, mode) @ b
+    return (rows.astype(delta.dtype) + scale * delta).astype(dtype)
 
 
 def compute_mask(ids: ArrayLike, mask_zero: bool) -> jax.Array | None:
@@ -202,13 +227,23 @@ def compute_mask(ids: ArrayLike, mask_zero: bool) -> jax.Array | None:
     return jnp.not_equal(ids, 0) if mask_zero else None
 
 
-def attend(params: Params, query: ArrayLike, *, dtype: DTypeLike | None = None) -> jax.Array:
+def attend(
+    params: Params,
+    query: ArrayLike,
+    *,
+    dtype: DTypeLike | None = None,
+    lora_alpha: float | None = None,
+) -> jax.Array:
     """Tied-weights logits: the inner product of each query vector with every embedding.
 
+    With LoRA, `query @ E.T + (lora_alpha / rank) * (query @ B.T) @ A.T`: two thin matmuls
+    instead of building `E + scale * A @ B`.
+
     Args:
-        params: from `init`.
+        params: from `init` (and `enable_lora`).
         query: floating array of shape `(..., output_dim)`.
         dtype: compute and output dtype; None promotes query and table (as flax's `attend`).
+        lora_alpha: LoRA scale numerator; None means the rank.
 
     Returns:
         `query @ embeddings.T`, shape `(..., input_dim)`.
@@ -220,7 +255,15 @@ def attend(params: Params, query: ArrayLike, *, dtype: DTypeLike | None = None) 
         (2, 5, 1000)
     """
     table = _checks.embeddings_table(params)
+    adapter = _checks.lora_weights(params)
     query = _checks.floating_array("query", query)
     _checks.last_dim("query", query, table.shape[1], "output_dim")
     dtype = _checks.optional_floating_dtype("dtype", dtype) or jnp.result_type(query, table)
-    return jnp.einsum("...d,vd->...v", query.astype(dtype), table.astype(dtype))
+    query = query.astype(dtype)
+    logits = jnp.einsum("...d,vd->...v", query, table.astype(dtype))
+    if adapter is None:
+        return logits
+    a, b = adapter
+    scale = lora_scale(a.shape[1], lora_alpha)
+    low_rank = jnp.einsum("...d,rd->...r", query, b.astype(dtype))
+    return logits + scale * jnp.einsum("...r,vr->...v", low_rank, a.astype(dtype))

@@ -18,12 +18,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _checks, constraints, functional, initializers, regularizers
+from jaxembed import _checks, constraints, functional, initializers, lora, regularizers
 
 VOCAB_AXIS = "vocab"
 EMBED_AXIS = "embed"
 TABLE_AXES = (VOCAB_AXIS, EMBED_AXIS)
 """Logical partitioning axes of the table; map them to mesh axes with `nn.logical_axis_rules`."""
+LORA_AXES = {lora.LORA_A: (VOCAB_AXIS, None), lora.LORA_B: (None, EMBED_AXIS)}
+"""Logical axes of the adapter: A's rows follow the table's, B's columns too."""
 
 
 class Embedding(nn.Module):
@@ -40,6 +42,9 @@ class Embedding(nn.Module):
             `jaxembed.keep_embeddings_constrained` last in the optax chain.
         mask_zero: whether id 0 is padding (see `compute_mask`).
         weights: optional initial `(input_dim, output_dim)` matrix.
+        lora_rank: if set, the table is frozen and a LoRA adapter of this rank is trained
+            (params "lora_embeddings_a" and "lora_embeddings_b", float32).
+        lora_alpha: LoRA scale numerator (`lora_alpha / lora_rank`); None means lora_rank.
         out_of_range: "error" (default), "fill" (NaN rows) or "clip"; see `jaxembed.apply`.
         dtype: output dtype; None keeps `param_dtype`.
         param_dtype: storage dtype of the table.
@@ -54,6 +59,8 @@ class Embedding(nn.Module):
     embeddings_constraint: constraints.ConstraintLike = None
     mask_zero: bool = False
     weights: ArrayLike | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
     out_of_range: str = "error"
     dtype: DTypeLike | None = None
     param_dtype: DTypeLike = jnp.float32
@@ -64,7 +71,12 @@ class Embedding(nn.Module):
             self.input_dim, self.output_dim, self.embeddings_initializer, self.weights
         )
         regularizers.get(self.embeddings_regularizer)
-        constraints.get(self.embeddings_constraint)
+        if constraints.get(self.embeddings_constraint) is not None and self.lora_rank:
+            raise _checks.no_lora_with_constraint("Embedding")
+        if self.lora_rank is not None:
+            _checks.positive_int("lora_rank", self.lora_rank)
+        if self.lora_alpha is not None:
+            _checks.positive_number("lora_alpha", self.lora_alpha)
         _checks.one_of("mask_zero", self.mask_zero, (True, False))
         _checks.out_of_range_policy(self.out_of_range)
         _checks.optional_floating_dtype("dtype", self.dtype)
@@ -81,9 +93,22 @@ class Embedding(nn.Module):
             (self.input_dim, self.output_dim),
             self.param_dtype,
         )
+        self.adapter = {}
+        if self.lora_rank:
+            shapes = lora.adapter_shapes(self.input_dim, self.output_dim, self.lora_rank)
+            draws = lora.adapter_initializers()
+            self.adapter = {
+                name: self.param(
+                    name,
+                    nn.with_logical_partitioning(draws[name], LORA_AXES[name]),
+                    shapes[name],
+                    lora.LORA_DTYPE,
+                )
+                for name in lora.LORA_KEYS
+            }
 
     def _params(self) -> functional.Params:
-        return {"embeddings": self.embeddings}
+        return {"embeddings": self.embeddings, **self.adapter}
 
     def __call__(self, ids: ArrayLike) -> jax.Array:
         """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)`."""
@@ -97,7 +122,10 @@ class Embedding(nn.Module):
                 init_fn=lambda: jnp.zeros(()),
                 reduce_fn=lambda _, new: new,
             )
-        return functional.apply(params, ids, dtype=self.dtype, out_of_range=self.out_of_range)
+        return functional.apply(
+            params, ids, dtype=self.dtype, out_of_range=self.out_of_range,
+            lora_alpha=self.lora_alpha,
+        )
 
     def compute_mask(self, ids: ArrayLike) -> jax.Array | None:
         """`ids != 0` when `mask_zero`, else None."""
@@ -105,7 +133,9 @@ class Embedding(nn.Module):
 
     def attend(self, query: ArrayLike) -> jax.Array:
         """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`."""
-        return functional.attend(self._params(), query, dtype=self.dtype)
+        return functional.attend(
+            self._params(), query, dtype=self.dtype, lora_alpha=self.lora_alpha
+        )
 
 
 def losses(variables: Any) -> jax.Array:
