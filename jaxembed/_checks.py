@@ -235,7 +235,7 @@ def embeddings_table(params: Any) -> jax.Array:
             "params['embeddings'] must be a 2-D (input_dim, output_dim) array. "
             f"Received: shape {getattr(table, 'shape', None)}."
         )
-    return table
+    return jnp.asarray(table)
 
 
 
@@ -254,7 +254,7 @@ def lora_weights(params: dict[str, Any]) -> tuple[jax.Array, jax.Array] | None:
             f"{LORA_A!r} (input_dim, rank) and {LORA_B!r} (rank, output_dim)."
         )
     input_dim, output_dim = embeddings_table(params).shape
-    a, b = params[LORA_A], params[LORA_B]
+    a, b = jnp.asarray(params[LORA_A]), jnp.asarray(params[LORA_B])
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != input_dim or b.shape != (a.shape[1], output_dim):
         raise ValueError(
             f"LoRA weights must have shapes {LORA_A}=(input_dim, rank)=({input_dim}, rank) and "

@@ -1,5 +1,10 @@
 """Shared fixtures. `variant` runs a test once eagerly and once under `jax.jit`."""
 
+import os
+
+# Keras is the reference implementation, on its JAX backend; it reads this once, at import.
+os.environ["KERAS_BACKEND"] = "jax"
+
 import jax
 import pytest
 
