@@ -18,14 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _checks, constraints, functional, initializers, lora, regularizers
-
-VOCAB_AXIS = "vocab"
-EMBED_AXIS = "embed"
-TABLE_AXES = (VOCAB_AXIS, EMBED_AXIS)
-"""Logical partitioning axes of the table; map them to mesh axes with `nn.logical_axis_rules`."""
-LORA_AXES = {lora.LORA_A: (VOCAB_AXIS, None), lora.LORA_B: (None, EMBED_AXIS)}
-"""Logical axes of the adapter: A's rows follow the table's, B's columns too."""
+from jaxembed import _layer, constraints, functional, initializers, lora, regularizers
 
 
 class Embedding(nn.Module):
@@ -67,20 +60,7 @@ class Embedding(nn.Module):
 
     def __post_init__(self) -> None:
         # Fail at construction, as Keras does, not at first call.
-        functional.table_initializer(
-            self.input_dim, self.output_dim, self.embeddings_initializer, self.weights
-        )
-        regularizers.get(self.embeddings_regularizer)
-        if constraints.get(self.embeddings_constraint) is not None and self.lora_rank:
-            raise _checks.no_lora_with_constraint("Embedding")
-        if self.lora_rank is not None:
-            _checks.positive_int("lora_rank", self.lora_rank)
-        if self.lora_alpha is not None:
-            _checks.positive_number("lora_alpha", self.lora_alpha)
-        _checks.one_of("mask_zero", self.mask_zero, (True, False))
-        _checks.out_of_range_policy(self.out_of_range)
-        _checks.optional_floating_dtype("dtype", self.dtype)
-        _checks.floating_dtype("param_dtype", self.param_dtype)
+        _layer.check_arguments(**{name: getattr(self, name) for name in _layer.ARGUMENTS})
         super().__post_init__()
 
     def setup(self) -> None:
@@ -89,7 +69,7 @@ class Embedding(nn.Module):
         )
         self.embeddings = self.param(
             "embeddings",
-            nn.with_logical_partitioning(init_fn, TABLE_AXES),
+            nn.with_logical_partitioning(init_fn, _layer.TABLE_AXES),
             (self.input_dim, self.output_dim),
             self.param_dtype,
         )
@@ -100,7 +80,7 @@ class Embedding(nn.Module):
             self.adapter = {
                 name: self.param(
                     name,
-                    nn.with_logical_partitioning(draws[name], LORA_AXES[name]),
+                    nn.with_logical_partitioning(draws[name], _layer.LORA_AXES[name]),
                     shapes[name],
                     lora.LORA_DTYPE,
                 )

@@ -1,0 +1,267 @@
+"""`flax.nnx` Embedding: holds the params as NNX variables and calls the pure functions.
+
+The table is an `nnx.Param` with sharding metadata ("vocab", "embed"); LoRA weights are
+`nnx.LoRAParam`, so `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` and
+`nnx.grad(..., argnums=nnx.DiffState(0, nnx.LoRAParam))` train only the adapter, with no
+gradient or optimizer state for the table.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import jaxembed.nnx
+    >>> layer = jaxembed.nnx.Embedding(1000, 64, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((32, 10), jnp.int32)).shape
+    (32, 10, 64)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import meta
+from jax.typing import ArrayLike, DTypeLike
+
+from jaxembed import _checks, _layer, _paths, functional, initializers, linen, lora, regularizers
+
+
+def _variable(kind: type[nnx.Variable], value: jax.Array, axes: tuple[Any, ...]) -> nnx.Variable:
+    """An NNX variable carrying logical sharding axes.
+
+    Flax shards a variable eagerly at creation when a mesh is set (`jax.set_mesh`), mapping the
+    logical axes through the rules in context (`nn.logical_axis_rules`). Without a mesh the
+    axes are kept as metadata only, so the layer works on one device with no setup.
+    """
+    eager = nnx.using_eager_sharding() and meta.global_mesh_defined()
+    return kind(value, out_sharding=axes, eager_sharding=eager)
+
+
+class Embedding(nnx.Module):
+    """Keras's `Embedding` as a `flax.nnx.Module`; same arguments as `jaxembed.Embedding`.
+
+    Args:
+        input_dim, output_dim, embeddings_initializer, embeddings_regularizer,
+        embeddings_constraint, mask_zero, weights, lora_rank, lora_alpha, out_of_range, dtype,
+        param_dtype: as the linen `jaxembed.Embedding` (Keras's names and defaults).
+        rngs: `nnx.Rngs`; the "params" stream draws the table and the adapter.
+
+    Example:
+        >>> from flax import nnx
+        >>> import jaxembed.nnx
+        >>> layer = jaxembed.nnx.Embedding(100, 8, lora_rank=4, rngs=nnx.Rngs(0))
+        >>> type(layer.lora_embeddings_a).__name__
+        'LoRAParam'
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        *,
+        embeddings_initializer: initializers.InitializerLike = "uniform",
+        embeddings_regularizer: regularizers.RegularizerLike = None,
+        embeddings_constraint: Any = None,
+        mask_zero: bool = False,
+        weights: ArrayLike | None = None,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        out_of_range: str = "error",
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        _layer.check_arguments(
+            input_dim=input_dim,
+            output_dim=output_dim,
+            embeddings_initializer=embeddings_initializer,
+            embeddings_regularizer=embeddings_regularizer,
+            embeddings_constraint=embeddings_constraint,
+            mask_zero=mask_zero,
+            weights=weights,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            out_of_range=out_of_range,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.embeddings_initializer = embeddings_initializer
+        self.embeddings_regularizer = embeddings_regularizer
+        self.embeddings_constraint = embeddings_constraint
+        self.mask_zero = mask_zero
+        self.out_of_range = out_of_range
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.lora_rank: int | None = None
+        self.lora_alpha: float | None = None
+        params = functional.init(
+            rngs.params() if weights is None else None,
+            input_dim,
+            output_dim,
+            embeddings_initializer=embeddings_initializer,
+            weights=weights,
+            param_dtype=param_dtype,
+        )
+        self.embeddings = _variable(nnx.Param, params["embeddings"], _layer.TABLE_AXES)
+        if lora_rank is not None:
+            self.enable_lora(lora_rank, lora_alpha=lora_alpha, rngs=rngs)
+
+    def params(self) -> functional.Params:
+        """The layer's arrays as the plain params dict of the pure functions."""
+        params = {"embeddings": self.embeddings[...]}
+        if self.lora_rank is not None:
+            params[lora.LORA_A] = self.lora_embeddings_a[...]
+            params[lora.LORA_B] = self.lora_embeddings_b[...]
+        return params
+
+    def __call__(self, ids: ArrayLike) -> jax.Array:
+        """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)`."""
+        return functional.apply(
+            self.params(),
+            ids,
+            dtype=self.dtype,
+            out_of_range=self.out_of_range,
+            lora_alpha=self.lora_alpha,
+        )
+
+    def compute_mask(self, ids: ArrayLike) -> jax.Array | None:
+        """`ids != 0` when `mask_zero`, else None."""
+        return functional.compute_mask(ids, self.mask_zero)
+
+    def attend(self, query: ArrayLike) -> jax.Array:
+        """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`."""
+        return functional.attend(self.params(), query, dtype=self.dtype, lora_alpha=self.lora_alpha)
+
+    def regularization_penalty(self) -> jax.Array:
+        """The scalar penalty of the trainable weights (Keras's `layer.losses`); 0 if none.
+
+        A training loop adds it in one line: `loss = task_loss + layer.regularization_penalty()`.
+        """
+        return regularizers.regularization_penalty(self.params(), self.embeddings_regularizer)
+
+    def enable_lora(
+        self,
+        rank: int,
+        *,
+        lora_alpha: float | None = None,
+        a_initializer: initializers.InitializerLike = "he_uniform",
+        b_initializer: initializers.InitializerLike = "zeros",
+        rngs: nnx.Rngs,
+    ) -> None:
+        """Adds a LoRA adapter (`nnx.LoRAParam` A and B); the table is frozen from now on.
+
+        Raises:
+            ValueError: bad rank or alpha, LoRA already enabled, or an embeddings constraint.
+        """
+        if self.embeddings_constraint is not None:
+            raise _checks.no_lora_with_constraint("enable_lora")
+        if lora_alpha is not None:
+            _checks.positive_number("lora_alpha", lora_alpha)
+        params = lora.enable_lora(
+            self.params(),
+            rngs.params(),
+            rank,
+            a_initializer=a_initializer,
+            b_initializer=b_initializer,
+        )
+        self._set_adapter(params, lora_alpha)
+
+    def _set_adapter(self, params: functional.Params, lora_alpha: float | None) -> None:
+        self.lora_embeddings_a = _variable(
+            nnx.LoRAParam, params[lora.LORA_A], _layer.LORA_AXES[lora.LORA_A]
+        )
+        self.lora_embeddings_b = _variable(
+            nnx.LoRAParam, params[lora.LORA_B], _layer.LORA_AXES[lora.LORA_B]
+        )
+        self.lora_rank = int(params[lora.LORA_A].shape[1])
+        self.lora_alpha = lora_alpha
+
+    def _drop_adapter(self) -> None:
+        del self.lora_embeddings_a, self.lora_embeddings_b
+        self.lora_rank = None
+        self.lora_alpha = None
+
+    def merge_lora(self, *, safe_merge: bool = False) -> None:
+        """Folds the adapter into the table (float32 sum, cast back); no adapter is left.
+
+        Raises:
+            ValueError: no adapter, or (with `safe_merge`) a non-finite merged table.
+        """
+        merged = lora.merge_lora(self.params(), lora_alpha=self.lora_alpha, safe_merge=safe_merge)
+        self.embeddings[...] = merged["embeddings"]
+        self._drop_adapter()
+
+    def to_linen(self) -> tuple[linen.Embedding, dict[str, Any]]:
+        """The equivalent linen module and its variables `{"params": {...}}` (plain arrays).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> layer = jaxembed.nnx.Embedding(10, 4, out_of_range="clip", rngs=nnx.Rngs(0))
+            >>> module, variables = layer.to_linen()
+            >>> bool((module.apply(variables, jnp.arange(3)) == layer(jnp.arange(3))).all())
+            True
+        """
+        arguments = {name: getattr(self, name) for name in _layer.ARGUMENTS if name != "weights"}
+        return linen.Embedding(**arguments), {"params": self.params()}
+
+    @classmethod
+    def from_linen(
+        cls, module: linen.Embedding, variables: dict[str, Any], *, rngs: nnx.Rngs | None = None
+    ) -> Embedding:
+        """An NNX module with `module`'s arguments and the arrays of linen `variables`.
+
+        Args:
+            module: a linen `jaxembed.Embedding`.
+            variables: its variables, `{"params": {...}}` (boxed or not) or the params alone;
+                a LoRA adapter in them is carried over as `nnx.LoRAParam`.
+            rngs: unused draws are skipped, so any seed does; default `nnx.Rngs(0)`.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import jaxembed, jaxembed.nnx
+            >>> module = jaxembed.Embedding(10, 4, out_of_range="clip")
+            >>> variables = module.init(jax.random.key(0), jnp.arange(3))
+            >>> layer = jaxembed.nnx.Embedding.from_linen(module, variables)
+            >>> bool((layer(jnp.arange(3)) == module.apply(variables, jnp.arange(3))).all())
+            True
+        """
+        params = nn.unbox(variables)
+        params = params.get("params", params)
+        adapter = _checks.lora_weights(params)
+        arguments = {name: getattr(module, name) for name in _layer.ARGUMENTS}
+        arguments.update(weights=params["embeddings"], lora_rank=None)
+        layer = cls(**arguments, rngs=rngs or nnx.Rngs(0))
+        layer.embeddings[...] = jnp.asarray(params["embeddings"])  # keeps param_dtype exact
+        if adapter is not None:
+            layer._set_adapter(params, module.lora_alpha)
+        return layer
+
+
+def trainable(model: nnx.Module) -> nnx.filterlib.Filter:
+    """An NNX filter for Keras's trainable weights: every `nnx.Param` except tables that have
+    a LoRA adapter beside them (frozen, as Keras freezes them).
+
+    Use it where a whole model trains alongside its adapters:
+    `nnx.Optimizer(model, tx, wrt=jaxembed.nnx.trainable(model))`. To train the adapters
+    alone, use `nnx.LoRAParam`. Build it again after enabling or merging LoRA.
+
+    Example:
+        >>> from flax import nnx
+        >>> import jaxembed.nnx
+        >>> layer = jaxembed.nnx.Embedding(10, 4, lora_rank=2, rngs=nnx.Rngs(0))
+        >>> sorted(nnx.state(layer, jaxembed.nnx.trainable(layer)).keys())
+        ['lora_embeddings_a', 'lora_embeddings_b']
+    """
+    frozen = _paths.tables_beside_lora(nnx.state(model, nnx.Param))
+
+    def is_trainable(path: tuple[Any, ...], value: Any) -> bool:
+        return isinstance(value, nnx.Param) and tuple(map(str, path)) not in frozen
+
+    return is_trainable
