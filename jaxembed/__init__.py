@@ -3,7 +3,7 @@
 The public API, re-exported; everything is defined in the modules named beside each group.
 """
 
-from jaxembed import constraints, functional, initializers, linen, lora, regularizers
+from jaxembed import constraints, functional, initializers, linen, lora, regularizers, sharding
 from jaxembed.constraints import apply_constraint, keep_embeddings_constrained
 from jaxembed.functional import apply, attend, compute_mask, init
 from jaxembed.linen import Embedding
@@ -30,4 +30,5 @@ __all__ = [
     "merge_lora",
     "regularization_penalty",
     "regularizers",
+    "sharding",
 ]

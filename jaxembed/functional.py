@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _checks, initializers
+from jaxembed import _checks, _mesh, initializers
 
 Params: TypeAlias = dict[str, jax.Array]
 """{"embeddings": (input_dim, output_dim) table}, plus LoRA weights when enabled."""
@@ -116,14 +116,16 @@ def check_in_range(ids: jax.Array, input_dim: int) -> None:
             raise IndexError(_checks.out_of_range_message(input_dim, bad_id))
         return
     valid = (ids >= 0) & (ids < input_dim)
-    first_bad = jnp.where(valid, 0, ids).reshape(-1)[jnp.argmin(valid.reshape(-1))]
+    # A reduction rather than indexing at argmin: it also compiles for ids sharded over an
+    # Explicit mesh. It names the smallest offending id.
+    smallest_bad = jnp.min(jnp.where(valid, jnp.iinfo(ids.dtype).max, ids))
     # Under plain jax.jit this check fails at compile time with JAX's "Cannot abstractly
     # evaluate a checkify.check which was not functionalized": the user must checkify the
     # jitted function or pick another policy (README, "Out-of-range ids").
     checkify.check(
         jnp.all(valid),
         _checks.out_of_range_message(input_dim, "{bad_id}"),
-        bad_id=first_bad,
+        bad_id=smallest_bad,
     )
 
 
@@ -142,9 +144,18 @@ def prepare_ids(ids: jax.Array, input_dim: int, out_of_range: str) -> tuple[jax.
 
 
 def take_rows(matrix: jax.Array, ids: jax.Array, mode: str) -> jax.Array:
-    """`matrix[ids]` with ids and mode from `prepare_ids`: shape `ids.shape + matrix.shape[1:]`."""
+    """`matrix[ids]` with ids and mode from `prepare_ids`: shape `ids.shape + matrix.shape[1:]`.
+
+    On an Explicit mesh the output sharding is derived from the operands (the batch follows
+    the ids, the features the matrix's columns); plain `jnp.take` would be refused there.
+    """
     fill_value = jnp.nan if mode == "fill" else None
-    return matrix.at[ids].get(mode=mode, fill_value=fill_value, wrap_negative_indices=False)
+    return matrix.at[ids].get(
+        mode=mode,
+        fill_value=fill_value,
+        wrap_negative_indices=False,
+        out_sharding=_mesh.gather_sharding(matrix, ids),
+    )
 
 
 def lora_scale(rank: int, lora_alpha: float | None) -> float:
@@ -203,7 +214,9 @@ def apply(
         return rows.astype(dtype)
     a, b = adapter
     scale = lora_scale(a.shape[1], lora_alpha)
-    delta = take_rows(a, ids, mode) @ b
+    delta = jnp.einsum(
+        "...r,rd->...d", take_rows(a, ids, mode), b, out_sharding=_mesh.gather_sharding(table, ids)
+    )
     return (rows.astype(delta.dtype) + scale * delta).astype(dtype)
 
 
@@ -260,10 +273,22 @@ def attend(
     _checks.last_dim("query", query, table.shape[1], "output_dim")
     dtype = _checks.optional_floating_dtype("dtype", dtype) or jnp.result_type(query, table)
     query = query.astype(dtype)
-    logits = jnp.einsum("...d,vd->...v", query, table.astype(dtype))
+    shardings = _mesh.attend_shardings(query, table)
+    if shardings is not None:
+        query = jax.sharding.reshard(query, shardings.query)
+    logits = jnp.einsum(
+        "...d,vd->...v",
+        query,
+        table.astype(dtype),
+        out_sharding=shardings and shardings.logits,
+    )
     if adapter is None:
         return logits
     a, b = adapter
     scale = lora_scale(a.shape[1], lora_alpha)
-    low_rank = jnp.einsum("...d,rd->...r", query, b.astype(dtype))
-    return logits + scale * jnp.einsum("...r,vr->...v", low_rank, a.astype(dtype))
+    low_rank = jnp.einsum(
+        "...d,rd->...r", query, b.astype(dtype), out_sharding=shardings and shardings.low_rank
+    )
+    return logits + scale * jnp.einsum(
+        "...r,vr->...v", low_rank, a.astype(dtype), out_sharding=shardings and shardings.logits
+    )

@@ -8,6 +8,10 @@ os.environ["KERAS_BACKEND"] = "jax"
 import jax
 import pytest
 
+# tests/multidevice needs 8 simulated devices from process start: tests/test_sharding.py runs
+# it in its own process, with this variable set.
+collect_ignore = [] if os.environ.get("JAXEMBED_MULTIDEVICE") else ["multidevice"]
+
 
 @pytest.fixture(params=["without_jit", "with_jit"])
 def variant(request):

@@ -1,0 +1,95 @@
+"""Output shardings on Explicit meshes, derived from the types of the operands (no arguments).
+
+On an Auto mesh, or on one device, every function here returns None and the partitioner
+decides. See `jaxembed.sharding` for the whole story.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+SpecEntry = str | tuple[str, ...] | None
+
+
+def _explicit_mesh(*arrays: Any) -> Any:
+    """The mesh of the first array whose type carries Explicit mesh axes, else None."""
+    for array in arrays:
+        mesh = getattr(jax.typeof(array).sharding, "mesh", None)
+        if mesh is not None and not mesh.empty and AxisType.Explicit in mesh.axis_types:
+            return mesh
+    return None
+
+
+def _spec(array: Any) -> tuple[SpecEntry, ...]:
+    """The array's PartitionSpec from its type, one entry per dimension."""
+    spec = tuple(getattr(jax.typeof(array).sharding, "spec", ()) or ())
+    return spec + (None,) * (array.ndim - len(spec))
+
+
+def _axes(entries: Iterable[SpecEntry]) -> set[str]:
+    names: set[str] = set()
+    for entry in entries:
+        if entry is not None:
+            names.update((entry,) if isinstance(entry, str) else entry)
+    return names
+
+
+def _unless_used(entry: SpecEntry, used: set[str]) -> SpecEntry:
+    """`entry`, or None when one of its mesh axes already shards another dimension."""
+    return None if _axes([entry]) & used else entry
+
+
+def gather_sharding(matrix: jax.Array, ids: jax.Array) -> NamedSharding | None:
+    """Output sharding of `matrix[ids]` on an Explicit mesh; None on Auto meshes or one device.
+
+    The batch dimensions follow the ids' sharding and the feature dimension the matrix's
+    column sharding (unless the ids already use that mesh axis).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> jaxembed.sharding.gather_sharding(jnp.ones((4, 2)), jnp.arange(3)) is None
+        True
+    """
+    mesh = _explicit_mesh(ids, matrix)
+    if mesh is None:
+        return None
+    batch = _spec(ids)
+    column = _unless_used(_spec(matrix)[1], _axes(batch))
+    return NamedSharding(mesh, PartitionSpec(*batch, column))
+
+
+class AttendShardings(NamedTuple):
+    """Shardings for `attend` on an Explicit mesh."""
+
+    query: NamedSharding
+    """The query, its feature dimension moved to the table's column axis (the query is small)."""
+    logits: NamedSharding
+    """`(..., input_dim)` logits."""
+    low_rank: NamedSharding
+    """LoRA's `(..., rank)` projection `query @ B.T`."""
+
+
+def attend_shardings(query: jax.Array, table: jax.Array) -> AttendShardings | None:
+    """On an Explicit mesh, the shardings `attend` computes with; None on Auto meshes.
+
+    The logits' vocab dimension takes the table's row axis (vocab-parallel tables) or, for a
+    dim-parallel table, its column axis: the contraction over sharded columns then ends in a
+    reduce-scatter rather than in gathering the table.
+    """
+    mesh = _explicit_mesh(query, table)
+    if mesh is None:
+        return None
+    batch = _spec(query)[:-1]
+    used = _axes(batch)
+    vocab_axis, embed_axis = _spec(table)
+    embed_axis = _unless_used(embed_axis, used)
+    logits_vocab = _unless_used(vocab_axis, used) or embed_axis
+    return AttendShardings(
+        query=NamedSharding(mesh, PartitionSpec(*batch, embed_axis)),
+        logits=NamedSharding(mesh, PartitionSpec(*batch, logits_vocab)),
+        low_rank=NamedSharding(mesh, PartitionSpec(*batch, None)),
+    )

@@ -1,0 +1,132 @@
+"""Embedding tables on device meshes: output shardings for Explicit meshes, and a
+vocab-parallel lookup under `jax.shard_map`.
+
+JAX's SPMD partitioner does the work in both of its modes:
+
+* **Auto** axes: the partitioner picks shardings; a gather from a row-sharded table compiles
+  to a masked local gather plus an all-reduce of the output, never an all-gather of the table.
+* **Explicit** axes (the `jax.make_mesh` default): shardings are part of the types and a
+  gather whose output sharding is ambiguous is refused (plain `jnp.take` on a row-sharded
+  table raises). `jaxembed.apply` and `jaxembed.attend` derive the output sharding from the
+  ids' (or query's) and the table's, so they need no extra argument on either kind of mesh.
+
+`vocab_parallel_apply` spells the vocab-parallel lookup out with `jax.shard_map` (each shard
+gathers the ids it owns, zeros elsewhere, one `psum`); with LoRA it sums the rank-r rows of A
+rather than output_dim-wide rows, which is cheaper than what the partitioner emits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.typing import ArrayLike, DTypeLike
+
+from jaxembed import _checks, functional
+from jaxembed._mesh import SpecEntry, attend_shardings, gather_sharding
+
+__all__ = ["attend_shardings", "gather_sharding", "vocab_parallel_apply"]
+
+def _vocab_axis_size(mesh: Any, vocab_axis: str, input_dim: int) -> int:
+    if vocab_axis not in mesh.axis_names:
+        raise ValueError(
+            f"`vocab_axis` must be an axis of the mesh {tuple(mesh.axis_names)}. "
+            f"Received: vocab_axis={vocab_axis!r}."
+        )
+    size = mesh.shape[vocab_axis]
+    if input_dim % size:
+        raise ValueError(
+            f"vocab_parallel_apply needs input_dim divisible by the size of mesh axis "
+            f"{vocab_axis!r} ({size}). Received: input_dim={input_dim}; pad the vocabulary to "
+            f"{-(-input_dim // size) * size}."
+        )
+    return size
+
+
+def vocab_parallel_apply(
+    params: functional.Params,
+    ids: ArrayLike,
+    *,
+    mesh: jax.sharding.Mesh,
+    vocab_axis: str,
+    batch_axes: SpecEntry = None,
+    dtype: DTypeLike | None = None,
+    out_of_range: str = "error",
+    lora_alpha: float | None = None,
+) -> jax.Array:
+    """`jaxembed.apply` as an explicit vocab-parallel `jax.shard_map`.
+
+    The table (and LoRA's A) is split by rows over `vocab_axis`; each shard gathers the ids it
+    owns, writes zeros for the others, and one `psum` over `vocab_axis` completes every row.
+    With LoRA the psum carries the rank-r rows of A, not output_dim-wide rows of the delta.
+
+    Args:
+        params: from `init` / `enable_lora`; input_dim divisible by the `vocab_axis` size.
+        ids: integer array of rank >= 1; its first dimension is split over `batch_axes`.
+        mesh: the device mesh (Auto or Explicit axes).
+        vocab_axis: mesh axis that splits the vocabulary.
+        batch_axes: mesh axis (or axes) that split the ids' first dimension, or None.
+        dtype, out_of_range, lora_alpha: as `jaxembed.apply`; "fill" gives NaN rows here too.
+
+    Returns:
+        `ids.shape + (output_dim,)`, first dimension split over `batch_axes`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxembed
+        >>> mesh = jax.make_mesh((1,), ("model",))
+        >>> params = jaxembed.init(jax.random.key(0), 8, 2)
+        >>> out = jaxembed.sharding.vocab_parallel_apply(
+        ...     params, jnp.array([[1, 7]]), mesh=mesh, vocab_axis="model")
+        >>> bool((out == jaxembed.apply(params, jnp.array([[1, 7]]))).all())
+        True
+    """
+    table = _checks.embeddings_table(params)
+    adapter = _checks.lora_weights(params)
+    ids = _checks.integer_ids(ids)
+    if ids.ndim == 0:
+        raise ValueError(
+            "vocab_parallel_apply needs ids of rank >= 1 (their first dimension is split over "
+            "`batch_axes`). Received: a scalar id; use `jaxembed.apply` or `ids[None]`."
+        )
+    out_of_range = _checks.out_of_range_policy(out_of_range)
+    dtype = _checks.optional_floating_dtype("dtype", dtype) or table.dtype
+    input_dim = table.shape[0]
+    _vocab_axis_size(mesh, vocab_axis, input_dim)
+    if out_of_range == "error":
+        functional.check_in_range(ids, input_dim)
+    elif out_of_range == "clip":
+        ids = jnp.clip(ids, 0, input_dim - 1)
+
+    def owned_rows(matrix_shard: jax.Array, global_ids: jax.Array) -> jax.Array:
+        rows_per_shard = matrix_shard.shape[0]
+        local_ids = global_ids - jax.lax.axis_index(vocab_axis) * rows_per_shard
+        owned = (local_ids >= 0) & (local_ids < rows_per_shard)
+        rows = matrix_shard.at[jnp.clip(local_ids, 0, rows_per_shard - 1)].get(
+            mode="promise_in_bounds"
+        )
+        return jax.lax.psum(jnp.where(owned[..., None], rows, 0), vocab_axis)
+
+    def local_lookup(table_shard, global_ids, *lora_shards):
+        rows = owned_rows(table_shard, global_ids)
+        if lora_shards:
+            a_shard, b = lora_shards
+            scale = functional.lora_scale(a_shard.shape[1], lora_alpha)
+            rows = rows.astype(jnp.float32) + scale * (owned_rows(a_shard, global_ids) @ b)
+        if out_of_range == "fill":
+            valid = (global_ids >= 0) & (global_ids < input_dim)
+            rows = jnp.where(valid[..., None], rows, jnp.nan)
+        return rows.astype(dtype)
+
+    rows_spec = PartitionSpec(vocab_axis, None)
+    ids_spec = PartitionSpec(batch_axes)
+    arrays = (table, ids, *(adapter or ()))
+    specs = (rows_spec, ids_spec, *((rows_spec, PartitionSpec(None, None)) if adapter else ()))
+    if AxisType.Explicit in mesh.axis_types:
+        # On Explicit axes shard_map takes inputs whose types already carry its in_specs.
+        arrays = tuple(
+            jax.sharding.reshard(array, NamedSharding(mesh, spec))
+            for array, spec in zip(arrays, specs, strict=True)
+        )
+    return jax.shard_map(local_lookup, mesh=mesh, in_specs=specs, out_specs=ids_spec)(*arrays)
