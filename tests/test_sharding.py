@@ -19,7 +19,7 @@ def test_multidevice_suite_passes_on_8_simulated_devices():
         "JAXEMBED_MULTIDEVICE": "1",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
          str(ROOT / "tests" / "multidevice")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
     )
