@@ -18,6 +18,12 @@ OUT_OF_RANGE_POLICIES = ("error", "fill", "clip")
 
 
 def _describe(value: Any) -> str:
+    if isinstance(value, jax.core.Tracer):
+        # Hyperparameters are static: a traced one means it went through jit as an argument.
+        return (
+            f"a traced value {jax.typeof(value)}; hyperparameters must be static Python "
+            "values (bind them with functools.partial or jax.jit's static_argnames)"
+        )
     return f"{value!r} (of type {type(value).__name__})"
 
 

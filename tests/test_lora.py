@@ -228,6 +228,13 @@ class TestErrors:
         with pytest.raises(ValueError, match="`lora_alpha` must be a finite positive number"):
             jaxembed.apply(random_lora_params(), jnp.array([1]), lora_alpha=alpha)
 
+    def test_traced_lora_alpha_names_the_fix(self):
+        params = random_lora_params()
+        apply = jax.jit(lambda p, alpha: jaxembed.apply(p, jnp.array([1]), lora_alpha=alpha,
+                                                        out_of_range="clip"))
+        with pytest.raises(ValueError, match="lora_alpha=a traced value.*static_argnames"):
+            apply(params, 3.0)
+
     def test_enable_twice(self):
         params = random_lora_params()
         with pytest.raises(ValueError, match=r"already enabled.*rank 3.*Received: rank=2"):
