@@ -7,7 +7,8 @@ the call from the message alone.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -181,13 +182,36 @@ def weights_matrix(weights: Any, input_dim: int, output_dim: int) -> Any:
     return array
 
 
-def unknown_identifier(name: str, value: Any, names: Iterable[str]) -> ValueError:
-    """The error for a value that is neither a known name nor a callable."""
-    valid = sorted(names)
-    if isinstance(value, str):
-        return ValueError(f"Unknown `{name}`: {value!r}. Expected one of {valid}, or a callable.")
-    return ValueError(
-        f"`{name}` must be one of {valid} or a callable. Received: {name}={_describe(value)}."
+def _snake_case(name: str) -> str:
+    """Keras class names ("RandomUniform", "L1L2", "MaxNorm") -> their snake names."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def resolve_identifier(
+    argument: str,
+    identifier: Any,
+    factories: Mapping[str, Callable[[], Any]],
+    aliases: Mapping[str, str],
+) -> Any:
+    """A Keras-style identifier -> a function: a name (snake or CamelCase, or an alias) is
+    built by its factory with Keras's defaults; a callable passes through; else ValueError.
+    """
+    if isinstance(identifier, str):
+        for name in (identifier, _snake_case(identifier)):
+            name = aliases.get(name, name)
+            if name in factories:
+                return factories[name]()
+    elif callable(identifier):
+        return identifier
+    valid = sorted({*factories, *aliases})
+    if isinstance(identifier, str):
+        raise ValueError(
+            f"Unknown `{argument}`: {identifier!r}. Expected one of {valid} (or their Keras "
+            "class names), or a callable."
+        )
+    raise ValueError(
+        f"`{argument}` must be one of {valid} or a callable. "
+        f"Received: {argument}={_describe(identifier)}."
     )
 
 

@@ -84,14 +84,8 @@ _FACTORIES: dict[str, Callable[[], Constraint]] = {
     "non_neg": non_neg,
     "unit_norm": unit_norm,
 }
-_CLASS_NAMES = {
-    "MaxNorm": "max_norm",
-    "MinMaxNorm": "min_max_norm",
-    "NonNeg": "non_neg",
-    "UnitNorm": "unit_norm",
-}
-NAMES: tuple[str, ...] = tuple(sorted({*_FACTORIES, *_CLASS_NAMES}))
-"""Every constraint name `get` accepts."""
+NAMES: tuple[str, ...] = tuple(sorted(_FACTORIES))
+"""Every constraint name `get` accepts (Keras class names such as "MaxNorm" too)."""
 
 
 def get(identifier: Any) -> Constraint | None:
@@ -111,13 +105,7 @@ def get(identifier: Any) -> Constraint | None:
     """
     if identifier is None:
         return None
-    if isinstance(identifier, str):
-        name = _CLASS_NAMES.get(identifier, identifier)
-        if name in _FACTORIES:
-            return _FACTORIES[name]()
-    elif callable(identifier):
-        return identifier
-    raise _checks.unknown_identifier("embeddings_constraint", identifier, NAMES)
+    return _checks.resolve_identifier("embeddings_constraint", identifier, _FACTORIES, {})
 
 
 def apply_constraint(

@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -186,10 +185,6 @@ NAMES: tuple[str, ...] = tuple(sorted({*_FACTORIES, *_ALIASES}))
 """Every initializer name `get` accepts (CamelCase class names such as "RandomUniform" too)."""
 
 
-def _snake_case(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower() if any(c.isupper() for c in name) else name
-
-
 def get(identifier: Any) -> Initializer:
     """Resolves a Keras initializer name, or passes a `(key, shape, dtype)` callable through.
 
@@ -209,11 +204,4 @@ def get(identifier: Any) -> Initializer:
         >>> float(abs(init(jax.random.key(0), (4, 3))).max()) <= 0.05
         True
     """
-    if isinstance(identifier, str):
-        name = _snake_case(identifier)
-        name = _ALIASES.get(name, name)
-        if name in _FACTORIES:
-            return _FACTORIES[name]()
-    elif callable(identifier):
-        return identifier
-    raise _checks.unknown_identifier("embeddings_initializer", identifier, NAMES)
+    return _checks.resolve_identifier("embeddings_initializer", identifier, _FACTORIES, _ALIASES)

@@ -73,29 +73,24 @@ class Embedding(nnx.Module):
         param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
-        _layer.check_arguments(
-            input_dim=input_dim,
-            output_dim=output_dim,
-            embeddings_initializer=embeddings_initializer,
-            embeddings_regularizer=embeddings_regularizer,
-            embeddings_constraint=embeddings_constraint,
-            mask_zero=mask_zero,
-            weights=weights,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            out_of_range=out_of_range,
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
-        self.input_dim = input_dim
-        self.output_dim = output_dim
-        self.embeddings_initializer = embeddings_initializer
-        self.embeddings_regularizer = embeddings_regularizer
-        self.embeddings_constraint = embeddings_constraint
-        self.mask_zero = mask_zero
-        self.out_of_range = out_of_range
-        self.dtype = dtype
-        self.param_dtype = param_dtype
+        arguments = {
+            "input_dim": input_dim,
+            "output_dim": output_dim,
+            "embeddings_initializer": embeddings_initializer,
+            "embeddings_regularizer": embeddings_regularizer,
+            "embeddings_constraint": embeddings_constraint,
+            "mask_zero": mask_zero,
+            "weights": weights,
+            "lora_rank": lora_rank,
+            "lora_alpha": lora_alpha,
+            "out_of_range": out_of_range,
+            "dtype": dtype,
+            "param_dtype": param_dtype,
+        }
+        _layer.check_arguments(**arguments)
+        # The weights live in the table; LoRA's rank and alpha are set by enable_lora.
+        for name in set(_layer.ARGUMENTS) - {"weights", "lora_rank", "lora_alpha"}:
+            setattr(self, name, arguments[name])
         self.lora_rank: int | None = None
         self.lora_alpha: float | None = None
         params = functional.init(

@@ -89,9 +89,8 @@ _FACTORIES: dict[str, Callable[[], Regularizer]] = {
     "orthogonal_regularizer": orthogonal_regularizer,
 }
 _ALIASES = {"l1l2": "l1_l2", "orthogonal": "orthogonal_regularizer"}
-_CLASS_NAMES = {"L1": "l1", "L2": "l2", "L1L2": "l1_l2", "OrthogonalRegularizer": "orthogonal"}
-NAMES: tuple[str, ...] = tuple(sorted({*_FACTORIES, *_ALIASES, *_CLASS_NAMES}))
-"""Every regularizer name `get` accepts."""
+NAMES: tuple[str, ...] = tuple(sorted({*_FACTORIES, *_ALIASES}))
+"""Every regularizer name `get` accepts (Keras class names such as "L1L2" too)."""
 
 
 def get(identifier: Any) -> Regularizer | None:
@@ -112,14 +111,7 @@ def get(identifier: Any) -> Regularizer | None:
     """
     if identifier is None:
         return None
-    if isinstance(identifier, str):
-        name = _CLASS_NAMES.get(identifier, identifier)
-        name = _ALIASES.get(name, name)
-        if name in _FACTORIES:
-            return _FACTORIES[name]()
-    elif callable(identifier):
-        return identifier
-    raise _checks.unknown_identifier("embeddings_regularizer", identifier, NAMES)
+    return _checks.resolve_identifier("embeddings_regularizer", identifier, _FACTORIES, _ALIASES)
 
 
 def regularization_penalty(params: dict[str, jax.Array], embeddings_regularizer: Any) -> jax.Array:
