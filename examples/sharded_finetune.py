@@ -1,0 +1,412 @@
+"""LoRA fine-tuning of a vocab-sharded embedding table, with data-parallel ids, on a device mesh.
+
+The mesh is `(data, model)`: the batch is split over "data", the vocabulary over "model".
+
+* The `(V, D)` table and LoRA's `(V, r)` A are split by rows, `P("model", None)`: each device
+  holds `V / model` rows. B (`r x D`) is small and replicated. The ids are `P("data", None)`.
+* Only the adapter trains (`jaxembed.lora.split_trainable` / `combine`, `optax.adam`): the
+  table gets no gradient and no optimizer state, and is bit-identical afterwards.
+* The task is next-token prediction with tied logits: `apply` embeds the tokens, a frozen
+  `D x D` projection stands in for the rest of a pretrained model, and `attend` scores the
+  result against every row of the same (LoRA-adapted) table. Each training sequence walks
+  a fixed random cycle of tokens spread over the whole vocabulary, so every shard takes part.
+* Checks at the end: the compiled step never all-gathers the table (a vocab-parallel lookup
+  is a local masked gather plus an all-reduce of the *output*), and the explicit shard_map
+  lookup `jaxembed.sharding.vocab_parallel_apply` gives what `jaxembed.apply` gives.
+
+On a CPU this simulates 8 devices (XLA's `--xla_force_host_platform_device_count=8`, set
+below before JAX starts unless XLA_FLAGS is already set or JAX_PLATFORMS names an
+accelerator); on GPUs or TPUs it uses the real ones. The mesh is `(2, n // 2)` for an even
+device count n, else `(1, n)`.
+
+Run:
+    python examples/sharded_finetune.py                      # Explicit mesh axes (default)
+    python examples/sharded_finetune.py --axis-types auto    # Auto axes, jit in/out shardings
+    python examples/sharded_finetune.py --help
+"""
+
+from __future__ import annotations
+
+import os
+
+# XLA reads this once, when JAX's CPU backend starts: it must precede `import jax`. It only
+# affects the CPU ("host") platform, so it is left out where an accelerator is asked for.
+if set(os.environ.get("JAX_PLATFORMS", "").lower().split(",")) <= {"", "cpu"}:
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import argparse
+import functools
+import json
+import pathlib
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxembed
+
+AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
+PARAM_SPECS = {
+    "embeddings": P("model", None),  # vocab-parallel: rows split over "model"
+    "lora_embeddings_a": P("model", None),  # A's rows follow the table's
+    "lora_embeddings_b": P(None, None),  # (rank, D): small, replicated
+}
+IDS_SPEC = P("data", None)  # data-parallel: sequences split over "data"
+Params = dict[str, Any]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; the defaults run in a few seconds on two CPU cores."""
+    parser = argparse.ArgumentParser(
+        description=(
+            "LoRA fine-tuning of a vocab-sharded jaxembed table with data-parallel ids on a "
+            "(data, model) device mesh; 8 simulated devices on a CPU."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add(
+        "--axis-types",
+        choices=sorted(AXIS_TYPES),
+        default="explicit",
+        help="mesh axis types: Explicit (shardings in the types) or Auto (jit shardings)",
+    )
+    add(
+        "--data-parallel",
+        type=int,
+        default=None,
+        help="size of the mesh's 'data' axis; None: 2 for an even device count, else 1",
+    )
+    add(
+        "--vocab-size",
+        type=int,
+        default=4096,
+        help="V, rows of the table; divisible by the 'model' axis size",
+    )
+    add("--dim", type=int, default=64, help="D, embedding dimension")
+    add("--rank", type=int, default=8, help="LoRA rank r")
+    add("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator")
+    add("--cycle-length", type=int, default=64, help="tokens in the synthetic sequence pattern")
+    add("--steps", type=int, default=40, help="fine-tuning steps")
+    add(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="sequences per step; divisible by the 'data' axis size",
+    )
+    add("--seq-len", type=int, default=32, help="tokens predicted per sequence")
+    add("--learning-rate", type=float, default=3e-2, help="Adam's learning rate")
+    add("--seed", type=int, default=0, help="for the data and the params")
+    add("--json", type=pathlib.Path, metavar="PATH", help="also write the results here")
+    args = parser.parse_args(argv)
+    for name in ("vocab_size", "dim", "rank", "cycle_length", "steps", "batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if not 2 <= args.cycle_length <= args.vocab_size:
+        parser.error("--cycle-length must be between 2 and --vocab-size")
+    return args
+
+
+def make_mesh(data: int | None, axis_types: str) -> jax.sharding.Mesh:
+    """A `(data, model)` mesh over every device: `(2, n // 2)` for even n, else `(1, n)`."""
+    n = jax.device_count()
+    if data is None:
+        data = 2 if n % 2 == 0 else 1
+    if data < 1 or n % data:
+        raise SystemExit(f"--data-parallel {data} does not divide the {n} devices")
+    return jax.make_mesh(
+        (data, n // data), ("data", "model"), axis_types=(AXIS_TYPES[axis_types],) * 2
+    )
+
+
+def place(tree: Any, specs: Any, mesh: jax.sharding.Mesh) -> Any:
+    """`jax.device_put` of each array with `NamedSharding(mesh, spec)`."""
+    return jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), tree, specs)
+
+
+def shardings(tree: Any) -> Any:
+    """Each array's sharding, in the same pytree (None leaves, the other half of a split,
+    stay None): the `in_shardings`/`out_shardings` jax.jit takes on an Auto mesh."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def shard_shape(x: jax.Array) -> tuple[int, ...]:
+    """The shape of the block each device holds."""
+    return tuple(x.addressable_shards[0].data.shape)
+
+
+def collectives(compiled_text: str) -> list[tuple[str, str]]:
+    """(op, result shape) for every collective in compiled HLO text.
+
+    Async ops (`all-gather-start`, on GPUs and TPUs) return a tuple whose shapes are all
+    listed, the operand's included, so a search for the full table errs on the safe side.
+    """
+    found = []
+    for match in re.finditer(
+        r"= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+        r"(?:-start)?\(",
+        compiled_text,
+    ):
+        for shape in re.findall(r"\w+\[[\d,]*\]", match.group(1)):
+            found.append((match.group(2), shape))
+    return found
+
+
+def all_gathered_shapes(compiled_text: str) -> list[str]:
+    """Result shapes of every all-gather in compiled HLO text."""
+    return [shape for op, shape in collectives(compiled_text) if op == "all-gather"]
+
+
+def cycle_batches(
+    rng: np.random.Generator, cycle: np.ndarray, steps: int, batch: int, length: int
+) -> np.ndarray:
+    """`(steps, batch, length)` windows of the cyclic sequence, each from a random offset."""
+    starts = rng.integers(0, len(cycle), (steps, batch, 1))
+    return cycle[(starts + np.arange(length)) % len(cycle)]
+
+
+def make_model(vocab: int, alpha: float) -> tuple[Any, Any]:
+    """(forward, loss): the tied-embedding next-token model and its cross-entropy."""
+
+    def forward(params: Params, body: jax.Array, inputs: jax.Array) -> tuple[jax.Array, ...]:
+        """(hidden, logits): the lookup, then the frozen projection and tied logits."""
+        # On an Explicit mesh: the batch over "data" from the ids, features whole.
+        hidden = jaxembed.apply(params, inputs, out_of_range="clip", lora_alpha=alpha)
+        # The vocabulary over "model", from the table's rows: no device holds all the logits.
+        return hidden, jaxembed.attend(params, hidden @ body, lora_alpha=alpha)
+
+    def loss(trainable: Params, frozen: Params, body: jax.Array, tokens: jax.Array) -> jax.Array:
+        params = jaxembed.lora.combine(trainable, frozen)
+        _, logits = forward(params, body, tokens[:, :-1])
+        # One-hot labels rather than optax's integer-label version: its take_along_axis
+        # gathers across the vocab-sharded axis, which an Explicit mesh refuses.
+        labels = jax.nn.one_hot(tokens[:, 1:], vocab, dtype=logits.dtype)
+        return optax.softmax_cross_entropy(logits, labels).mean()
+
+    return forward, loss
+
+
+def print_row(name: str, shape: tuple[int, ...], spec: Any, block: Any) -> None:
+    print(f"  {name:27s} {shape!s:15s} {spec!s:25s} per device {block}")
+
+
+def check_step_collectives(
+    compiled_text: str, replicate: Any, table: jax.Array, rank: int, model: int
+) -> dict[str, Any]:
+    """Looks for an all-gather of the whole table (or of the whole A) in the compiled step,
+    and checks, as a control, that the same search finds one made on purpose."""
+    vocab, dim = table.shape
+    found = collectives(compiled_text)
+    gathered = all_gathered_shapes(compiled_text)
+    full_table, full_a = f"f32[{vocab},{dim}]", f"f32[{vocab},{rank}]"  # as HLO spells them
+    listed = ", ".join(f"{op} {shape}" for op, shape in sorted(set(found))) or "none"
+    print(f"Collectives in the compiled step: {listed}")
+    print(
+        f"  all-gather of the whole table {full_table}: {full_table in gathered}; "
+        f"of the whole A {full_a}: {full_a in gathered}"
+    )
+    control = all_gathered_shapes(jax.jit(replicate).lower(table).compile().as_text())
+    control_detected = full_table in control if model > 1 else None  # nothing to gather else
+    print(
+        f"  control, a deliberate reshard to replicated, found by the same search: "
+        f"{control_detected}"
+    )
+    return {
+        "collectives": [list(item) for item in found],
+        "all_gathered_shapes": gathered,
+        "full_table_shape": full_table,
+        "table_all_gathered": full_table in gathered,
+        "lora_a_all_gathered": full_a in gathered,
+        "control_gather_detected": control_detected,
+    }
+
+
+def check_vocab_parallel(
+    params: Params, tokens: jax.Array, mesh: jax.sharding.Mesh, alpha: float
+) -> dict[str, Any]:
+    """`jaxembed.sharding.vocab_parallel_apply` (an explicit shard_map) against `apply`."""
+    vocab_parallel = jax.jit(
+        functools.partial(
+            jaxembed.sharding.vocab_parallel_apply,
+            mesh=mesh,
+            vocab_axis="model",
+            batch_axes="data",
+            out_of_range="clip",
+            lora_alpha=alpha,
+        )
+    )
+    reference = jax.jit(functools.partial(jaxembed.apply, out_of_range="clip", lora_alpha=alpha))
+    out = vocab_parallel(params, tokens)
+    expected = np.asarray(reference(params, tokens))
+    diff = float(np.abs(np.asarray(out) - expected).max())
+    equal = bool(np.allclose(out, expected, rtol=1e-6, atol=1e-6))
+    found = collectives(vocab_parallel.lower(params, tokens).compile().as_text())
+    print(
+        f"\nvocab_parallel_apply vs apply on the last batch: max |diff| {diff:.2e}, "
+        f"equal: {equal}; output {out.shape} {out.sharding.spec}"
+    )
+    listed = ", ".join(f"{op} {shape}" for op, shape in sorted(set(found))) or "none"
+    print(f"  its collectives: {listed} (table rows and A's rank-r rows, summed over 'model')")
+    return {
+        "vocab_parallel_max_abs_diff": diff,
+        "vocab_parallel_equal": equal,
+        "vocab_parallel_collectives": [list(item) for item in found],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Fine-tunes, prints each step's loss and the checks, and returns what the test checks."""
+    args = parse_args(argv)
+    start_time = time.perf_counter()
+    vocab, dim, rank, alpha = args.vocab_size, args.dim, args.rank, args.lora_alpha
+    explicit = args.axis_types == "explicit"
+
+    mesh = make_mesh(args.data_parallel, args.axis_types)
+    data, model = mesh.shape["data"], mesh.shape["model"]
+    if vocab % model:
+        raise SystemExit(
+            f"--vocab-size {vocab} must be divisible by the 'model' axis size {model}: "
+            f"pad the vocabulary to {-(-vocab // model) * model}"
+        )
+    if args.batch_size % data:
+        raise SystemExit(
+            f"--batch-size {args.batch_size} must be divisible by the 'data' axis size {data}"
+        )
+    print(f"{jax.device_count()} {jax.devices()[0].platform} devices; {mesh}")
+    print(f"device ids by (data, model):\n{mesh.device_ids}")
+
+    # Data: windows of a fixed random cycle through tokens spread over the whole vocabulary.
+    rng = np.random.default_rng(args.seed)
+    cycle = rng.choice(vocab, size=args.cycle_length, replace=False)
+    batches = cycle_batches(rng, cycle, args.steps, args.batch_size, args.seq_len + 1)
+
+    # Params: a "pretrained" table (random here, at Keras's RandomNormal(0.05) scale; a
+    # checkpoint's matrix in practice) with LoRA on top. B starts at zero, so the adapted
+    # table starts out equal to the base one, and the loss at ln(V), a uniform guess.
+    pretrained = rng.normal(0.0, 0.05, (vocab, dim)).astype(np.float32)
+    params = jaxembed.enable_lora(
+        jaxembed.init(None, vocab, dim, weights=pretrained), jax.random.key(args.seed), rank
+    )
+    # A frozen D x D projection between the lookup and the tied output layer: with the same
+    # table on both sides and nothing between, the logits would be a symmetric Gram matrix,
+    # which cannot make every token's successor outscore the token itself.
+    body = np.linalg.qr(rng.standard_normal((dim, dim)))[0].astype(np.float32)
+    forward, loss_fn = make_model(vocab, alpha)
+    tx = optax.adam(args.learning_rate)
+
+    with jax.set_mesh(mesh):
+        params = place(params, PARAM_SPECS, mesh)
+        body = jax.device_put(body, NamedSharding(mesh, P(None, None)))
+        table_before = np.asarray(params["embeddings"])  # a host copy, for the final check
+        trainable, frozen = jaxembed.lora.split_trainable(params)  # A and B | the table
+        opt_state = tx.init(trainable)  # mu and nu take each adapter matrix's sharding
+
+        def step(
+            trainable: Params, opt_state: Any, frozen: Params, body: jax.Array, tokens: jax.Array
+        ) -> tuple[Params, Any, jax.Array]:
+            # Gradients for the first argument only: the frozen table gets none.
+            loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, body, tokens)
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state, loss
+
+        tokens = jax.device_put(batches[0], NamedSharding(mesh, IDS_SPEC))
+        first_args = (trainable, opt_state, frozen, body, tokens)
+        if explicit:
+            # The shardings are in the arrays' types and jaxembed derives its outputs' from
+            # them: jit needs nothing more.
+            step_fn = jax.jit(step)
+        else:
+            # Auto axes: pin the layout, so that every step returns the shardings it takes
+            # (the partitioner would otherwise choose the outputs').
+            step_fn = jax.jit(
+                step,
+                in_shardings=shardings(first_args),
+                out_shardings=(
+                    shardings(trainable),
+                    shardings(opt_state),
+                    NamedSharding(mesh, P()),
+                ),
+            )
+
+        print(
+            f"\nFine-tuning LoRA (rank {rank}, alpha {alpha:g}) on a ({vocab}, {dim}) table, "
+            f"{args.axis_types} axes, batches of {args.batch_size} x {args.seq_len} tokens"
+        )
+        losses = []
+        for i, batch in enumerate(batches):
+            tokens = jax.device_put(batch, NamedSharding(mesh, IDS_SPEC))
+            trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, body, tokens)
+            losses.append(float(loss))
+            print(f"  step {i + 1:3d}  loss {losses[-1]:.4f}")
+        tuned = jaxembed.lora.combine(trainable, frozen)
+
+        print("\nShardings (spec, and the block each device holds):")
+        adam_mu = optax.tree_utils.tree_get(opt_state, "mu")
+        arrays = {
+            **tuned,
+            "ids": tokens,
+            "adam mu[lora_embeddings_a]": adam_mu["lora_embeddings_a"],
+        }
+        placements = {}
+        for name, x in arrays.items():
+            spec, block = x.sharding.spec, shard_shape(x)
+            print_row(name, x.shape, spec, block)
+            placements[name] = {"shape": list(x.shape), "spec": str(spec), "block": list(block)}
+        activations = jax.eval_shape(forward, tuned, body, tokens[:, :-1])
+        for name, x in zip(("hidden (apply)", "logits (attend)"), activations, strict=True):
+            if explicit:  # the sharding is part of the type, known before anything runs
+                print_row(name, x.shape, x.sharding.spec, x.sharding.shard_shape(x.shape))
+            else:
+                print(f"  {name:27s} {x.shape!s:15s} chosen by the partitioner (Auto axes)")
+
+        table_unchanged = bool(np.array_equal(np.asarray(tuned["embeddings"]), table_before))
+        loss_decreased = losses[-1] < losses[0]
+        print(f"\nBase table bit-identical after fine-tuning: {table_unchanged}")
+        print(f"Loss went down: {losses[0]:.4f} -> {losses[-1]:.4f}: {loss_decreased}")
+
+        def replicate(table: jax.Array) -> jax.Array:
+            """The control: gathers the whole table on every device, on purpose."""
+            if explicit:
+                return jax.sharding.reshard(table, P(None, None)) * 2
+            return jax.lax.with_sharding_constraint(table, P(None, None)) * 2
+
+        compiled_text = step_fn.lower(*first_args).compile().as_text()
+        gather_results = check_step_collectives(
+            compiled_text, replicate, tuned["embeddings"], rank, model
+        )
+        parallel_results = check_vocab_parallel(tuned, tokens, mesh, alpha)
+
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+    n_state = sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim)  # Adam's count aside
+    seconds = time.perf_counter() - start_time
+    print(
+        f"\nTrained {n_trainable:,} adapter floats of {n_trainable + vocab * dim:,}; "
+        f"Adam state {n_state:,} floats (none for the table). {seconds:.1f} s."
+    )
+    results = {
+        "device_count": jax.device_count(),
+        "platform": jax.devices()[0].platform,
+        "mesh": {"shape": dict(mesh.shape), "axis_types": args.axis_types},
+        "placements": placements,
+        "losses": losses,
+        "loss_decreased": loss_decreased,
+        "table_unchanged": table_unchanged,
+        **gather_results,
+        **parallel_results,
+        "trainable_params": int(n_trainable),
+        "optimizer_state_floats": int(n_state),
+        "seconds": seconds,
+    }
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
