@@ -15,7 +15,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 SpecEntry = str | tuple[str, ...] | None
 
 
-def _explicit_mesh(*arrays: Any) -> Any:
+def explicit_mesh(*arrays: Any) -> Any:
     """The mesh of the first array whose type carries Explicit mesh axes, else None."""
     for array in arrays:
         mesh = getattr(jax.typeof(array).sharding, "mesh", None)
@@ -54,7 +54,7 @@ def gather_sharding(matrix: jax.Array, ids: jax.Array) -> NamedSharding | None:
         >>> jaxembed.sharding.gather_sharding(jnp.ones((4, 2)), jnp.arange(3)) is None
         True
     """
-    mesh = _explicit_mesh(ids, matrix)
+    mesh = explicit_mesh(ids, matrix)
     if mesh is None:
         return None
     batch = _spec(ids)
@@ -80,7 +80,7 @@ def attend_shardings(query: jax.Array, table: jax.Array) -> AttendShardings | No
     dim-parallel table, its column axis: the contraction over sharded columns then ends in a
     reduce-scatter rather than in gathering the table.
     """
-    mesh = _explicit_mesh(query, table)
+    mesh = explicit_mesh(query, table)
     if mesh is None:
         return None
     batch = _spec(query)[:-1]

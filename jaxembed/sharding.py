@@ -24,10 +24,20 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _checks, functional
+from jaxembed import _checks, _mesh, functional
 from jaxembed._mesh import SpecEntry, attend_shardings, gather_sharding
 
 __all__ = ["attend_shardings", "gather_sharding", "vocab_parallel_apply"]
+
+def _context_mesh() -> Any:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        raise ValueError(
+            "vocab_parallel_apply needs a mesh: pass `mesh=`, place the params or ids on a mesh "
+            "with Explicit axes, or set one with `jax.set_mesh`. Received: mesh=None."
+        )
+    return mesh
+
 
 def _vocab_axis_size(mesh: Any, vocab_axis: str, input_dim: int) -> int:
     if vocab_axis not in mesh.axis_names:
@@ -49,8 +59,8 @@ def vocab_parallel_apply(
     params: functional.Params,
     ids: ArrayLike,
     *,
-    mesh: jax.sharding.Mesh,
     vocab_axis: str,
+    mesh: jax.sharding.Mesh | None = None,
     batch_axes: SpecEntry = None,
     dtype: DTypeLike | None = None,
     out_of_range: str = "error",
@@ -65,8 +75,9 @@ def vocab_parallel_apply(
     Args:
         params: from `init` / `enable_lora`; input_dim divisible by the `vocab_axis` size.
         ids: integer array of rank >= 1; its first dimension is split over `batch_axes`.
-        mesh: the device mesh (Auto or Explicit axes).
         vocab_axis: mesh axis that splits the vocabulary.
+        mesh: the device mesh (Auto or Explicit axes); None takes the mesh in the params' or
+            ids' types, else the one set with `jax.set_mesh`.
         batch_axes: mesh axis (or axes) that split the ids' first dimension, or None.
         dtype, out_of_range, lora_alpha: as `jaxembed.apply`; "fill" gives NaN rows here too.
 
@@ -93,6 +104,7 @@ def vocab_parallel_apply(
     out_of_range = _checks.out_of_range_policy(out_of_range)
     dtype = _checks.optional_floating_dtype("dtype", dtype) or table.dtype
     input_dim = table.shape[0]
+    mesh = mesh or _mesh.explicit_mesh(table, ids) or _context_mesh()
     _vocab_axis_size(mesh, vocab_axis, input_dim)
     if out_of_range == "error":
         functional.check_in_range(ids, input_dim)

@@ -15,7 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def test_multidevice_suite_passes_on_8_simulated_devices():
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        # Appended, so flags the user set (dumps, ...) still apply.
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
         "JAXEMBED_MULTIDEVICE": "1",
     }
     result = subprocess.run(

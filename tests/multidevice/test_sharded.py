@@ -59,8 +59,11 @@ QUERY = jax.random.normal(jax.random.key(5), (8, 3, D))
 
 
 def all_gathered_shapes(compiled_text):
-    """Result shapes of every all-gather in compiled HLO text."""
-    return re.findall(r"= (\w+\[[\d,]*\])[^=]*? all-gather\(", compiled_text)
+    """Result shapes of every all-gather in compiled HLO text (GPU/TPU's async
+    `all-gather-start` returns a tuple whose last element is the gathered array)."""
+    sync = re.findall(r"= (\w+\[[\d,]*\])[^=]*? all-gather\(", compiled_text)
+    started = re.findall(r"= \(.*?(\w+\[[\d,]*\])[^\[]*\) all-gather-start\(", compiled_text)
+    return sync + started
 
 
 cases = pytest.mark.parametrize("shape", MESH_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -188,6 +191,11 @@ def test_vocab_parallel_policies_and_errors():
         parallel(jaxembed.init(jax.random.key(0), 10, 4), bad % 10)
     with pytest.raises(ValueError, match="`vocab_axis` must be an axis of the mesh"):
         jaxembed.sharding.vocab_parallel_apply(params, bad, mesh=mesh, vocab_axis="tensor")
+    with pytest.raises(ValueError, match="needs a mesh.*Received: mesh=None"):
+        jaxembed.sharding.vocab_parallel_apply(params, bad, vocab_axis="model")
+    with jax.set_mesh(mesh):  # the mesh in context
+        out = jaxembed.sharding.vocab_parallel_apply(params, bad % V, vocab_axis="model")
+    np.testing.assert_array_equal(out, jaxembed.apply(params, bad % V))
 
 
 @layouts
