@@ -5,7 +5,7 @@ The public API, re-exported; everything is defined in the modules named beside e
 
 from jaxembed import constraints, functional, initializers, linen, lora, regularizers, sharding
 from jaxembed.constraints import apply_constraint, keep_embeddings_constrained
-from jaxembed.functional import apply, attend, compute_mask, init
+from jaxembed.functional import apply, attend, check_in_range, compute_mask, init
 from jaxembed.linen import Embedding
 from jaxembed.lora import enable_lora, freeze_lora_base, merge_lora
 from jaxembed.regularizers import regularization_penalty
@@ -17,6 +17,7 @@ __all__ = [
     "apply",
     "apply_constraint",
     "attend",
+    "check_in_range",
     "compute_mask",
     "constraints",
     "enable_lora",

@@ -21,6 +21,7 @@ Training only the adapter, with no gradient or optimizer state for the table:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -157,7 +158,11 @@ def _delta(a: jax.Array, b: jax.Array, lora_alpha: float | None) -> jax.Array:
     """The full `(input_dim, output_dim)` float32 delta: built only when merging, never in a
     training or inference step."""
     scale = lora_scale(a.shape[1], lora_alpha)
-    return scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+    # Merging happens once: full float32 precision, not TF32 / bf16 passes on GPU and TPU.
+    product = jnp.matmul(
+        a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    return scale * product
 
 
 def merge_lora(
@@ -249,12 +254,15 @@ def remove_lora(params: Params) -> Params:
     return {key: value for key, value in params.items() if key not in LORA_KEYS}
 
 
-def trainable_labels(tree: Any) -> Any:
-    """Labels "frozen" for every table that has a LoRA adapter beside it, "trainable" else.
+def trainable_labels(tree: Any, *, adapters_only: bool = False) -> Any:
+    """Labels each leaf "trainable" or "frozen", for `optax.partition` (or `freeze_lora_base`).
+
+    By default, as Keras: "frozen" for every table that has a LoRA adapter beside it,
+    "trainable" for everything else. With `adapters_only=True`, only the LoRA matrices are
+    "trainable" and every other leaf of the model is "frozen" (classic LoRA fine-tuning).
 
     Works on any params pytree: one jaxembed layer's dict, or a whole Flax model (linen
     variables, boxed or not, or an `nnx.State`) holding jaxembed layers beside other layers.
-    Feed it to `optax.partition` (or use `freeze_lora_base`).
 
     Example:
         >>> import jax, jaxembed
@@ -263,32 +271,44 @@ def trainable_labels(tree: Any) -> Any:
         >>> jaxembed.lora.trainable_labels(params)["embeddings"]
         'frozen'
     """
+    _checks.one_of("adapters_only", adapters_only, (True, False))
     frozen = _paths.tables_beside_lora(tree)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: FROZEN if _paths.names(path) in frozen else TRAINABLE, tree
-    )
+
+    def label(path: tuple[Any, ...], _: Any) -> str:
+        names = _paths.names(path)
+        if adapters_only:
+            return TRAINABLE if names and names[-1] in LORA_KEYS else FROZEN
+        return FROZEN if names in frozen else TRAINABLE
+
+    return jax.tree_util.tree_map_with_path(label, tree)
 
 
-def freeze_lora_base(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`tx` for everything except tables under LoRA, which get zero updates and no state.
+def freeze_lora_base(
+    tx: optax.GradientTransformation, *, adapters_only: bool = False
+) -> optax.GradientTransformation:
+    """`tx` for the trainable leaves (see `trainable_labels`); zero updates and no optimizer
+    state for the frozen ones.
 
-    One line for a whole model: `tx = jaxembed.freeze_lora_base(optax.adam(1e-3))`. The
-    frozen tables' optimizer state is empty; if their gradients are computed but only fed
-    here, XLA removes them from the compiled step. To not even trace them, differentiate
-    `split_trainable`'s first half instead.
+    One line for a whole model: `tx = jaxembed.freeze_lora_base(optax.adam(1e-3))`. If the
+    frozen leaves' gradients are computed but only fed here, XLA removes them from the compiled
+    step. To not even trace them, differentiate `split_trainable`'s first half instead.
 
     Example:
         >>> import optax, jaxembed
         >>> tx = jaxembed.freeze_lora_base(optax.adam(1e-3))
     """
-    return optax.partition({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, trainable_labels)
+    return optax.partition(
+        {TRAINABLE: tx, FROZEN: optax.set_to_zero()},
+        functools.partial(trainable_labels, adapters_only=adapters_only),
+    )
 
 
-def split_trainable(tree: Any) -> tuple[Any, Any]:
+def split_trainable(tree: Any, *, adapters_only: bool = False) -> tuple[Any, Any]:
     """Splits params into (trainable, frozen) pytrees of the same structure, with `None`
-    where the other half holds a leaf; `combine` joins them again.
+    where the other half holds a leaf; `combine` joins them again. Labels as
+    `trainable_labels` (`adapters_only=True`: train the LoRA matrices alone).
 
-    Differentiate and optimize only the trainable half: the frozen tables then get no
+    Differentiate and optimize only the trainable half: the frozen leaves then get no
     gradient and no optimizer state at all.
 
     Example:
@@ -299,7 +319,7 @@ def split_trainable(tree: Any) -> tuple[Any, Any]:
         >>> trainable["embeddings"] is None, frozen["lora_embeddings_a"] is None
         (True, True)
     """
-    labels = trainable_labels(tree)
+    labels = trainable_labels(tree, adapters_only=adapters_only)
     trainable = jax.tree.map(lambda x, label: x if label == TRAINABLE else None, tree, labels)
     frozen = jax.tree.map(lambda x, label: x if label == FROZEN else None, tree, labels)
     return trainable, frozen

@@ -284,9 +284,9 @@ class Model(nn.Module):
         return nn.Dense(16)(x)
 
 
-def train(params, tx, loss_fn, steps=15, use_split=True):
+def train(params, tx, loss_fn, steps=15, use_split=True, adapters_only=False):
     if use_split:
-        trainable, frozen = lora.split_trainable(params)
+        trainable, frozen = lora.split_trainable(params, adapters_only=adapters_only)
     else:
         trainable, frozen = params, None
 
@@ -335,6 +335,26 @@ class TestTraining:
         assert set(jax.tree.leaves(labels["Dense_0"])) == {"trainable"}
         plain = Model(lora_rank=None).init(KEY, self.ids)["params"]
         assert set(jax.tree.leaves(lora.trainable_labels(plain))) == {"trainable"}
+
+    def test_adapters_only(self):
+        params = Model().init(KEY, self.ids)["params"]
+        labels = nn.unbox(lora.trainable_labels(params, adapters_only=True))
+        assert labels["tokens"] == {"embeddings": "frozen", "lora_embeddings_a": "trainable",
+                                    "lora_embeddings_b": "trainable"}
+        assert set(jax.tree.leaves(labels["Dense_0"])) == {"frozen"}
+        for use_split in (True, False):
+            tx = (optax.adam(1e-2) if use_split
+                  else jaxembed.freeze_lora_base(optax.adam(1e-2), adapters_only=True))
+            if use_split:
+                trainable, _ = lora.split_trainable(params, adapters_only=True)
+                assert nn.unbox(trainable)["Dense_0"]["kernel"] is None
+            trained, losses, *_ = train(params, tx, self.loss_fn, use_split=use_split,
+                                        adapters_only=True)
+            assert losses[-1] < losses[0]
+            before, after = nn.unbox(params), nn.unbox(trained)
+            np.testing.assert_array_equal(after["Dense_0"]["kernel"], before["Dense_0"]["kernel"])
+            np.testing.assert_array_equal(after["tokens"]["embeddings"],
+                                          before["tokens"]["embeddings"])
 
     def test_no_optimizer_state_for_the_table(self):
         params = Model().init(KEY, self.ids)["params"]
