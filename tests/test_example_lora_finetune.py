@@ -1,28 +1,15 @@
 """examples/lora_finetune.py runs end to end (tiny sizes, in-process) and its claims hold."""
 
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "examples" / "lora_finetune.py"
-
 VOCAB, DIM, RANK = 300, 16, 4
 
 
-def load_example():
-    """examples/ is not a package: import the script from its path."""
-    spec = importlib.util.spec_from_file_location("lora_finetune_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def example():
-    return load_example()
+def example(load_example):
+    return load_example("lora_finetune")
 
 
 @pytest.fixture(scope="module")

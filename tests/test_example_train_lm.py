@@ -5,9 +5,7 @@ the plot is written, the orbax checkpoints round-trip, LoRA fine-tuning changes 
 and nothing else, and the merged model gives the LoRA model's outputs.
 """
 
-import importlib.util
 import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -37,18 +35,9 @@ TINY = [
 ]  # fmt: skip
 
 
-def load_example():
-    """Imports examples/train_lm.py as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_lm", ROOT / "examples" / "train_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def example():
-    return load_example()
+def example(load_example):
+    return load_example("train_lm")
 
 
 @pytest.fixture(scope="module")
