@@ -71,25 +71,37 @@ class AttendShardings(NamedTuple):
     """`(..., input_dim)` logits."""
     low_rank: NamedSharding
     """LoRA's `(..., rank)` projection `query @ B.T`."""
+    table: NamedSharding | None
+    """Where to move the table first, or None to leave it where it is."""
+    lora_a: NamedSharding
+    """LoRA's A, rows split like the logits' vocab dimension, so that A's gradient is
+    computed where the logits live instead of gathering logits-sized cotangents."""
 
 
 def attend_shardings(query: jax.Array, table: jax.Array) -> AttendShardings | None:
     """On an Explicit mesh, the shardings `attend` computes with; None on Auto meshes.
 
-    The logits' vocab dimension takes the table's row axis (vocab-parallel tables) or, for a
-    dim-parallel table, its column axis: the contraction over sharded columns then ends in a
-    reduce-scatter rather than in gathering the table.
+    The logits' vocab dimension takes the table's row axis. A dim-parallel table (columns
+    split, rows whole) is first re-split by rows over the same axis: contracting over its split
+    columns would cost logits-sized collectives (an all-reduce forward, two all-gathers
+    backward), while re-splitting moves one table shard per device (an all-to-all; no device
+    ever holds the whole table). That is the cheaper side whenever a batch's logits
+    (tokens x input_dim) outweigh a table shard, as in language-model training.
     """
     mesh = explicit_mesh(query, table)
     if mesh is None:
         return None
     batch = _spec(query)[:-1]
     used = _axes(batch)
-    vocab_axis, embed_axis = _spec(table)
-    embed_axis = _unless_used(embed_axis, used)
-    logits_vocab = _unless_used(vocab_axis, used) or embed_axis
+    vocab_axis, embed_axis = (_unless_used(entry, used) for entry in _spec(table))
+    table_sharding = None
+    if vocab_axis is None and embed_axis is not None:
+        vocab_axis, embed_axis = embed_axis, None
+        table_sharding = NamedSharding(mesh, PartitionSpec(vocab_axis, None))
     return AttendShardings(
         query=NamedSharding(mesh, PartitionSpec(*batch, embed_axis)),
-        logits=NamedSharding(mesh, PartitionSpec(*batch, logits_vocab)),
+        logits=NamedSharding(mesh, PartitionSpec(*batch, vocab_axis)),
         low_rank=NamedSharding(mesh, PartitionSpec(*batch, None)),
+        table=table_sharding,
+        lora_a=NamedSharding(mesh, PartitionSpec(vocab_axis, None)),
     )

@@ -276,6 +276,8 @@ def attend(
     shardings = _mesh.attend_shardings(query, table)
     if shardings is not None:
         query = jax.sharding.reshard(query, shardings.query)
+        if shardings.table is not None:
+            table = jax.sharding.reshard(table, shardings.table)
     logits = jnp.einsum(
         "...d,vd->...v",
         query,
@@ -286,6 +288,8 @@ def attend(
         return logits
     a, b = adapter
     scale = lora_scale(a.shape[1], lora_alpha)
+    if shardings is not None:
+        a = jax.sharding.reshard(a, shardings.lora_a)
     low_rank = jnp.einsum(
         "...d,rd->...r", query, b.astype(dtype), out_sharding=shardings and shardings.low_rank
     )

@@ -11,8 +11,11 @@ JAX's SPMD partitioner does the work in both of its modes:
   ids' (or query's) and the table's, so they need no extra argument on either kind of mesh.
 
 `vocab_parallel_apply` spells the vocab-parallel lookup out with `jax.shard_map` (each shard
-gathers the ids it owns, zeros elsewhere, one `psum`); with LoRA it sums the rank-r rows of A
-rather than output_dim-wide rows, which is cheaper than what the partitioner emits.
+gathers the ids it owns, zeros elsewhere, one `psum`). Measured against what the partitioner
+emits for `jaxembed.apply` (benchmarks/RESULTS.md), it moves the same collectives for a
+vocab-parallel table, LoRA included, and more for other layouts: `apply` therefore keeps the
+partitioner's lookup, and `vocab_parallel_apply` is the building block for code that is
+already inside `shard_map` or wants the communication spelled out.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ def _context_mesh() -> Any:
             "with Explicit axes, or set one with `jax.set_mesh`. Received: mesh=None."
         )
     return mesh
+
+
+def _without_trivial_axes(mesh: Any, axes: SpecEntry) -> SpecEntry:
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    kept = tuple(name for name in names if mesh.shape[name] > 1)
+    return kept[0] if len(kept) == 1 else (kept or None)
 
 
 def _vocab_axis_size(mesh: Any, vocab_axis: str, input_dim: int) -> int:
@@ -70,7 +79,8 @@ def vocab_parallel_apply(
 
     The table (and LoRA's A) is split by rows over `vocab_axis`; each shard gathers the ids it
     owns, writes zeros for the others, and one `psum` over `vocab_axis` completes every row.
-    With LoRA the psum carries the rank-r rows of A, not output_dim-wide rows of the delta.
+    With LoRA the psum carries the rank-r rows of A, not output_dim-wide rows of the delta
+    (as `jaxembed.apply`'s gather-first LoRA does under the partitioner).
 
     Args:
         params: from `init` / `enable_lora`; input_dim divisible by the `vocab_axis` size.
@@ -132,6 +142,9 @@ def vocab_parallel_apply(
         return rows.astype(dtype)
 
     rows_spec = PartitionSpec(vocab_axis, None)
+    # A mesh axis of size 1 splits nothing, but shard_map's transpose would still all-reduce
+    # the table's gradient over it.
+    batch_axes = _without_trivial_axes(mesh, batch_axes)
     ids_spec = PartitionSpec(batch_axes)
     arrays = (table, ids, *(adapter or ()))
     specs = (rows_spec, ids_spec, *((rows_spec, PartitionSpec(None, None)) if adapter else ()))

@@ -1,0 +1,727 @@
+"""Benchmark: the compiled sharded train step of jaxembed against flax.linen.Embed.
+
+On `--mesh` (data, model) simulated CPU devices (8 by default, through
+`XLA_FLAGS=--xla_force_host_platform_device_count=8`, set before JAX starts unless XLA_FLAGS
+is already set), with a `(--vocab, --dim)` float32 table sharded by `--layout`:
+
+    vocab: P("model", None)    dim: P(None, "model")    both: P("model", "data")
+
+and `(--batch, --seq)` int32 ids sharded P("data", None), it builds one jitted train step per
+variant: loss + gradient + `optax.adam(1e-3)` update, the params and optimizer state donated.
+The loss is a tied-embedding language-model cross-entropy: `h = lookup(ids)`, `logits =
+attend(h)` (`h @ table.T`), mean over tokens of `logsumexp(logits) - logits[next id]` (the
+target logit is picked with an `arange == target` mask: optax's integer-label cross-entropy
+uses `take_along_axis`, which Explicit axes refuse on vocab-sharded logits). Variants:
+
+* `jaxembed full`: `jaxembed.apply(..., out_of_range="clip")` + `jaxembed.attend`, the table
+  trained.
+* `jaxembed LoRA rN`: the same on params with a rank-N adapter (B random, so it counts); only
+  A and B are differentiated and optimized (`jaxembed.lora.split_trainable` / `combine`).
+* `jaxembed vocab_parallel`: the lookup through `jaxembed.sharding.vocab_parallel_apply`
+  (`jax.shard_map`, one psum), attend as above; `jaxembed LoRA rN vocab_parallel` likewise.
+  Only for layouts whose rows are split over "model" (vocab, both).
+* `flax.linen.Embed`: `__call__` for the lookup (`jnp.take`), `attend` for the logits, the
+  same table sharding.
+
+each on an Auto mesh (`jax.jit` given in_shardings/out_shardings) and on an Explicit mesh
+(shardings carried by the arrays' types, the step traced under `jax.set_mesh`). A variant
+that cannot be traced or compiled (flax's `jnp.take` on an Explicit mesh) is a row naming the
+error type.
+
+Before anything is measured, every variant's first step is checked against the same step
+on one device, unsharded: the loss (rtol 1e-5) and the updated trainable params.
+
+For each compiled step it reports `compiled.memory_analysis()` (argument, output, aliased
+and temp bytes: on simulated CPU devices these are the figures of the per-device SPMD
+program), the collectives in `compiled.as_text()` (count of all-gather, all-reduce,
+reduce-scatter, all-to-all and collective-permute, and the bytes of their result buffers per
+device: the sum over every collective of the size of its result shape(s)), whether any
+all-gather's result is a whole `(vocab, dim)` table (or LoRA's `(vocab, rank)` A), and the
+median step time over `--repeats` steps timed round-robin. The simulated devices share 2 CPU
+cores: the times are only indicative, not what 8 real devices would take.
+
+Usage:
+    python benchmarks/bench_sharded.py      # 2x4 mesh, vocab layout: 1.5-2 min on 2 shared cores
+    python benchmarks/bench_sharded.py --mesh 1x8 --layout both --json sharded.json
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before JAX starts: XLA reads the simulated device count once, when the CPU backend starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxembed
+
+LAYOUTS = {"vocab": P("model", None), "dim": P(None, "model"), "both": P("model", "data")}
+KINDS = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+VARIANTS = ("full", "lora", "vp", "lora_vp", "flax")
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+SHORT = {
+    "all-gather": "AG",
+    "all-reduce": "AR",
+    "reduce-scatter": "RS",
+    "all-to-all": "A2A",
+    "collective-permute": "CP",
+}
+DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+    "c64": 8,
+}
+LEARNING_RATE = 1e-3
+MiB = 2**20
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy with integer targets, without a gather on the logits."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.arange(logits.shape[-1]) == targets[..., None]
+    target_logit = jnp.sum(jnp.where(picked, logits, 0.0), axis=-1)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target_logit)
+
+
+def next_ids(ids: jax.Array) -> jax.Array:
+    return jnp.roll(ids, -1, axis=1)
+
+
+def jaxembed_loss(params: dict, ids: jax.Array) -> jax.Array:
+    h = jaxembed.apply(params, ids, out_of_range="clip")
+    return cross_entropy(jaxembed.attend(params, h), next_ids(ids))
+
+
+def vocab_parallel_loss(mesh: jax.sharding.Mesh) -> Callable[[dict, jax.Array], jax.Array]:
+    def loss(params: dict, ids: jax.Array) -> jax.Array:
+        h = jaxembed.sharding.vocab_parallel_apply(
+            params, ids, mesh=mesh, vocab_axis="model", batch_axes="data", out_of_range="clip"
+        )
+        return cross_entropy(jaxembed.attend(params, h), next_ids(ids))
+
+    return loss
+
+
+def flax_loss(vocab: int, dim: int) -> Callable[[dict, jax.Array], jax.Array]:
+    module = nn.Embed(vocab, dim)
+
+    def loss(variables: dict, ids: jax.Array) -> jax.Array:
+        h = module.apply(variables, ids)
+        return cross_entropy(module.apply(variables, h, method="attend"), next_ids(ids))
+
+    return loss
+
+
+def train_step(loss: Callable, tx: optax.GradientTransformation, frozen: bool) -> Callable:
+    """(trainable, opt_state, [frozen,] ids) -> (trainable, opt_state, loss)."""
+
+    def update(trainable, opt_state, ids, frozen_params=None):
+        def objective(t):
+            params = t if frozen_params is None else jaxembed.lora.combine(t, frozen_params)
+            return loss(params, ids)
+
+        value, grads = jax.value_and_grad(objective)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, value
+
+    if frozen:
+        return lambda trainable, opt_state, frozen_params, ids: update(
+            trainable, opt_state, ids, frozen_params
+        )
+    return lambda trainable, opt_state, ids: update(trainable, opt_state, ids)
+
+
+# ----------------------------------------------------------------------------- HLO analysis
+
+
+def shape_bytes(shapes: str) -> int:
+    """Bytes of every array shape (`f32[8,128]`) in an HLO result type, tuples included."""
+    total = 0
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shapes):
+        size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        total += size * DTYPE_BYTES.get(dtype, 4)
+    return total
+
+
+def group_size(line: str) -> int | None:
+    """Devices per replica group of one collective instruction (None if not parsed)."""
+    found = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)
+    if found:  # replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}
+        sizes = {k: int(v) for k, v in re.findall(r"'(\w+)'=(\d+)", found.group(1))}
+        return math.prod(sizes[name] for name in re.findall(r"'(\w+)'", found.group(2)))
+    found = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+    if found:  # iota form [groups, size]<=[...]
+        return int(found.group(2))
+    found = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    if found:  # explicit groups {{0,1,2,3},{4,5,6,7}}
+        return len(found.group(1).split(","))
+    return None  # collective-permute (source_target_pairs) and unknown forms
+
+
+COLLECTIVE_RE = re.compile(
+    r"=\s*(\([^)]*\)|[a-z]+\d*\[[\d,]*\](?:\{[^}]*\})?)\s+"
+    r"(" + "|".join(COLLECTIVES) + r")(-done)?\("
+)
+
+
+def collectives(hlo_text: str) -> list[dict[str, Any]]:
+    """Every collective instruction of a compiled module (async pairs counted once, at -done)."""
+    found = []
+    for line in hlo_text.splitlines():
+        match = COLLECTIVE_RE.search(line)
+        if match is None:
+            continue
+        result, op = match.group(1), match.group(2)
+        shapes = [f"{d}[{s}]" for d, s in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", result)]
+        found.append(
+            {
+                "op": op,
+                "shapes": shapes,
+                "bytes": shape_bytes(result),
+                "group_size": group_size(line),
+            }
+        )
+    return found
+
+
+def axis_of_group(size: int | None, mesh_shape: dict[str, int]) -> str:
+    if size is None:
+        return "?"
+    if size == 1:
+        return "1 device (a no-op)"
+    if size == math.prod(mesh_shape.values()) and all(s > 1 for s in mesh_shape.values()):
+        return "all"
+    names = [name for name, s in mesh_shape.items() if s == size]
+    return names[0] if len(names) == 1 else f"{size} devices"
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str
+    status: str = "ok"
+    error: str = ""
+    compiled: Any = None
+    state: tuple = ()
+    static_args: tuple = ()
+    ids: Any = None
+    mesh: Any = None
+    reference: str = "full"
+    memory: dict[str, int] = field(default_factory=dict)
+    collectives: list[dict[str, Any]] = field(default_factory=list)
+    loss: float = float("nan")
+    loss_error: float = float("nan")
+    param_error: float = float("nan")
+    times: list[float] = field(default_factory=list)
+
+    def call(self) -> jax.Array:
+        with jax.set_mesh(self.mesh) if self.kind == "explicit" else contextlib.nullcontext():
+            trainable, opt_state, loss = self.compiled(*self.state, *self.static_args, self.ids)
+        self.state = (trainable, opt_state)
+        return loss
+
+
+def param_shardings(mesh, layout: str) -> dict[str, NamedSharding]:
+    rows, cols = LAYOUTS[layout]
+    return {
+        "embeddings": NamedSharding(mesh, P(rows, cols)),
+        "embedding": NamedSharding(mesh, P(rows, cols)),  # flax.linen.Embed's name
+        "lora_embeddings_a": NamedSharding(mesh, P(rows, None)),
+        "lora_embeddings_b": NamedSharding(mesh, P(None, cols)),
+    }
+
+
+def tree_shardings(tree: Any, by_name: dict[str, NamedSharding], mesh) -> Any:
+    """A sharding per leaf: by the leaf's dict key (params, Adam's mu and nu), else replicated;
+    None stays None (the halves of `split_trainable`)."""
+
+    def pick(path, leaf):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if names and names[-1] in by_name and getattr(leaf, "ndim", 0) == 2:
+            return by_name[names[-1]]
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+def build_variant(
+    name: str,
+    kind: str,
+    args,
+    mesh,
+    layout: str,
+    params: dict,
+    lora_params: dict,
+    ids: np.ndarray,
+    tx,
+) -> Variant:
+    variant = Variant(name=label(name, args.lora_rank), kind=kind, mesh=mesh)
+    variant.reference = "lora" if name in ("lora", "lora_vp") else "full"
+    by_name = param_shardings(mesh, layout)
+    if name == "flax":
+        loss, trainable, frozen = (
+            flax_loss(args.vocab, args.dim),
+            {"params": {"embedding": params["embeddings"]}},
+            None,
+        )
+    elif name == "full":
+        loss, trainable, frozen = jaxembed_loss, params, None
+    elif name == "vp":
+        loss, trainable, frozen = vocab_parallel_loss(mesh), params, None
+    else:
+        loss = jaxembed_loss if name == "lora" else vocab_parallel_loss(mesh)
+        trainable, frozen = jaxembed.lora.split_trainable(lora_params)
+    step = train_step(loss, tx, frozen is not None)
+    ids_sharding = NamedSharding(mesh, P("data", None))
+    t_sh = tree_shardings(trainable, by_name, mesh)
+    s_sh = tree_shardings(jax.eval_shape(tx.init, trainable), by_name, mesh)
+    f_sh = tree_shardings(frozen, by_name, mesh) if frozen is not None else None
+    scalar = NamedSharding(mesh, P())
+    try:
+        trainable = place(trainable, t_sh)
+        static = (place(frozen, f_sh),) if frozen is not None else ()
+        variant.ids = jax.device_put(ids, ids_sharding)
+        if kind == "auto":
+            opt_state = jax.jit(tx.init, out_shardings=s_sh)(trainable)
+            in_sh = (t_sh, s_sh, *((f_sh,) if static else ()), ids_sharding)
+            jitted = jax.jit(
+                step, in_shardings=in_sh, out_shardings=(t_sh, s_sh, scalar), donate_argnums=(0, 1)
+            )
+            compiled = jitted.lower(trainable, opt_state, *static, variant.ids).compile()
+        else:
+            with jax.set_mesh(mesh):
+                opt_state = jax.jit(tx.init)(trainable)
+                jitted = jax.jit(step, donate_argnums=(0, 1))
+                compiled = jitted.lower(trainable, opt_state, *static, variant.ids).compile()
+    except Exception as error:  # a variant that fails to trace or compile is a row
+        variant.status = "fails"
+        variant.error = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        return variant
+    variant.compiled, variant.state, variant.static_args = compiled, (trainable, opt_state), static
+    stats = compiled.memory_analysis()
+    variant.memory = {
+        "argument": stats.argument_size_in_bytes,
+        "output": stats.output_size_in_bytes,
+        "alias": stats.alias_size_in_bytes,
+        "temp": stats.temp_size_in_bytes,
+    }
+    variant.collectives = collectives(compiled.as_text())
+    return variant
+
+
+def label(name: str, rank: int) -> str:
+    return {
+        "full": "jaxembed full",
+        "lora": f"jaxembed LoRA r{rank}",
+        "vp": "jaxembed vocab_parallel",
+        "lora_vp": f"jaxembed LoRA r{rank} vocab_parallel",
+        "flax": "flax.linen.Embed",
+    }[name]
+
+
+def reference_steps(params, lora_params, ids, tx) -> dict[str, dict[str, Any]]:
+    """One unsharded step on one device per reference (full table, LoRA): loss, new params,
+    and the compiled memory of the one-device program."""
+    device = jax.devices()[0]
+    out = {}
+    for key, source, frozen in (("full", params, False), ("lora", lora_params, True)):
+        if frozen:
+            trainable, frozen_params = jaxembed.lora.split_trainable(source)
+            static = (jax.device_put(frozen_params, device),)
+        else:
+            trainable, static = source, ()
+        trainable = jax.device_put(trainable, device)
+        opt_state = jax.jit(tx.init)(trainable)
+        ids_d = jax.device_put(ids, device)
+        compiled = (
+            jax.jit(train_step(jaxembed_loss, tx, frozen))
+            .lower(trainable, opt_state, *static, ids_d)
+            .compile()
+        )
+        new, _, loss = compiled(trainable, opt_state, *static, ids_d)
+        stats = compiled.memory_analysis()
+        out[key] = {
+            "loss": float(loss),
+            "params": {k: np.asarray(v) for k, v in new.items() if v is not None},
+            "memory": {
+                "argument": stats.argument_size_in_bytes,
+                "output": stats.output_size_in_bytes,
+                "alias": stats.alias_size_in_bytes,
+                "temp": stats.temp_size_in_bytes,
+            },
+        }
+    return out
+
+
+def check(variant: Variant, reference: dict[str, Any], rtol: float, param_atol: float) -> None:
+    """First step of the variant against the unsharded step: loss and new trainable params."""
+    loss = variant.call()
+    variant.loss = float(loss)
+    variant.loss_error = abs(variant.loss - reference["loss"])
+    trainable = variant.state[0]
+    if "params" in trainable:  # flax's {"params": {"embedding": ...}}
+        new = {"embeddings": trainable["params"]["embedding"]}
+    else:
+        new = {k: v for k, v in trainable.items() if v is not None}
+    variant.param_error = max(
+        float(np.max(np.abs(np.asarray(new[k]) - reference["params"][k]))) for k in new
+    )
+    if variant.loss_error > rtol * abs(reference["loss"]) or variant.param_error > param_atol:
+        raise AssertionError(
+            f"{variant.name} ({variant.kind}) disagrees with the unsharded step: loss "
+            f"{variant.loss} vs {reference['loss']}, max |param diff| {variant.param_error:.2e}"
+        )
+
+
+def time_round_robin(variants: list[Variant], rounds: int) -> None:
+    for r in range(rounds):
+        shift = r % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            start = time.perf_counter()
+            jax.block_until_ready(variant.call())
+            variant.times.append(time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def counts(variant: Variant) -> dict[str, int]:
+    return {op: sum(c["op"] == op for c in variant.collectives) for op in COLLECTIVES}
+
+
+def full_table_gathered(variant: Variant, args) -> bool:
+    whole = {f"[{args.vocab},{args.dim}]", f"[{args.vocab},{args.lora_rank}]"}
+    return any(
+        c["op"] == "all-gather" and any(s[s.index("[") :] in whole for s in c["shapes"])
+        for c in variant.collectives
+    )
+
+
+def summary_row(variant: Variant, args) -> dict[str, Any]:
+    if variant.status != "ok":
+        return {
+            "variant": variant.name,
+            "kind": variant.kind,
+            "status": variant.status,
+            "error": variant.error,
+        }
+    return {
+        "variant": variant.name,
+        "kind": variant.kind,
+        "status": "ok",
+        "loss": variant.loss,
+        "loss_abs_error": variant.loss_error,
+        "param_max_abs_error": variant.param_error,
+        "memory_bytes": variant.memory,
+        "collective_counts": counts(variant),
+        "collective_bytes": sum(c["bytes"] for c in variant.collectives),
+        "full_table_all_gather": full_table_gathered(variant, args),
+        "collectives": variant.collectives,
+        "median_step_s": statistics.median(variant.times) if variant.times else None,
+        "step_times_s": variant.times,
+    }
+
+
+def format_table(variants: list[Variant], references: dict, args) -> str:
+    header = (
+        f"{'variant':<36} {'mesh':<8} {'|dloss|':>8} {'arg':>6} {'out':>6} {'alias':>6} "
+        f"{'temp':>6}  {'AG':>2} {'AR':>2} {'RS':>2} {'A2A':>3} {'CP':>2} "
+        f"{'coll MiB':>8} {'full AG':>7} {'step ms':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for key in ("full", "lora"):
+        m = references[key]["memory"]
+        name = "1 device, unsharded (reference)" if key == "full" else "  ... its LoRA step"
+        lines.append(
+            f"{name:<36} {'-':<8} {'-':>8} {m['argument'] / MiB:>6.1f} {m['output'] / MiB:>6.1f} "
+            f"{m['alias'] / MiB:>6.1f} {m['temp'] / MiB:>6.1f}"
+        )
+    for v in variants:
+        if v.status != "ok":
+            lines.append(f"{v.name:<36} {v.kind:<8} fails with {v.error.split(':')[0]}")
+            continue
+        c = counts(v)
+        m = v.memory
+        step = f"{statistics.median(v.times) * 1e3:.0f}" if v.times else "-"
+        lines.append(
+            f"{v.name:<36} {v.kind:<8} {v.loss_error:>8.1e} {m['argument'] / MiB:>6.1f} "
+            f"{m['output'] / MiB:>6.1f} {m['alias'] / MiB:>6.1f} {m['temp'] / MiB:>6.1f}  "
+            f"{c['all-gather']:>2} {c['all-reduce']:>2} {c['reduce-scatter']:>2} "
+            f"{c['all-to-all']:>3} {c['collective-permute']:>2} "
+            f"{sum(x['bytes'] for x in v.collectives) / MiB:>8.2f} "
+            f"{'YES' if full_table_gathered(v, args) else 'no':>7} {step:>8}"
+        )
+    return "\n".join(lines)
+
+
+def format_collectives(variants: list[Variant], mesh_shape: dict[str, int]) -> str:
+    lines = []
+    for v in variants:
+        if v.status != "ok":
+            lines.append(f"{v.name} ({v.kind}): {v.error}")
+            continue
+        parts = []
+        for c in v.collectives:
+            shapes = c["shapes"][0] if len(c["shapes"]) == 1 else f"({', '.join(c['shapes'])})"
+            if c["op"] == "collective-permute":
+                parts.append(f"CP {shapes} (device pairs)")
+            else:
+                axis = axis_of_group(c["group_size"], mesh_shape)
+                parts.append(f"{SHORT[c['op']]} {shapes} over {axis}")
+        lines.append(f"{v.name} ({v.kind}): " + ("; ".join(parts) or "none"))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected DATAxMODEL, e.g. 2x4; got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        default="2x4",
+        help="(data, model) mesh shape, DATAxMODEL; the product must not exceed the device count",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=sorted(LAYOUTS),
+        default="vocab",
+        help="table sharding: vocab=P('model',None), dim=P(None,'model'), both=P('model','data')",
+    )
+    parser.add_argument("--vocab", type=int, default=32768, help="table rows (input_dim)")
+    parser.add_argument("--dim", type=int, default=256, help="table columns (output_dim)")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=128, help="ids per sequence")
+    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)}",
+    )
+    parser.add_argument(
+        "--kinds", default="auto,explicit", help="comma-separated mesh axis types: auto, explicit"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed steps per variant (round-robin); 0 skips timing",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed of params and ids")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    variants_wanted = [v for v in args.variants.split(",") if v]
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not set(variants_wanted) <= set(VARIANTS) or not set(kinds) <= set(KINDS):
+        parser.error(f"--variants from {VARIANTS}, --kinds from {tuple(KINDS)}")
+    n_devices = math.prod(args.mesh)
+    if n_devices > jax.device_count():
+        parser.error(
+            f"--mesh {args.mesh} needs {n_devices} devices; {jax.device_count()} "
+            "available (XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+        )
+    if min(args.vocab, args.dim, args.batch, args.seq, args.lora_rank) < 1 or args.repeats < 0:
+        parser.error("sizes must be positive and --repeats >= 0")
+
+    mesh_shape = {"data": args.mesh[0], "model": args.mesh[1]}
+    device = jax.devices()[0]
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "device_platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "jaxembed": jaxembed.__version__,
+        "mesh": mesh_shape,
+        "layout": args.layout,
+        "table_spec": str(LAYOUTS[args.layout]),
+        "vocab": args.vocab,
+        "dim": args.dim,
+        "ids_shape": [args.batch, args.seq],
+        "lora_rank": args.lora_rank,
+        "repeats": args.repeats,
+    }
+    load = os.getloadavg()[0]
+    meta["load_average_1min_at_start"] = load
+    print(
+        f"device: {device.platform} / {device.device_kind} (x{jax.device_count()} simulated "
+        f"by XLA_FLAGS), {os.cpu_count()} CPU cores visible, load average {load:.1f} at start"
+    )
+    print(
+        f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}, "
+        f"optax {optax.__version__}, jaxembed {jaxembed.__version__}, "
+        f"python {platform.python_version()}"
+    )
+    print(
+        f"mesh (data={args.mesh[0]}, model={args.mesh[1]}), table ({args.vocab}, {args.dim}) "
+        f"float32 sharded {LAYOUTS[args.layout]}, ids ({args.batch}, {args.seq}) int32 sharded "
+        f"P('data', None); step = tied-logits cross-entropy + grad + adam, params donated"
+    )
+
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    keys = jax.random.split(jax.random.key(args.seed), 4)
+    params = jax.device_get(jaxembed.init(keys[0], args.vocab, args.dim))
+    lora_params = jaxembed.enable_lora(params, keys[1], args.lora_rank)
+    # A random B, so that the adapter changes the loss and its gradient reaches A.
+    lora_params["lora_embeddings_b"] = 0.05 * jax.random.normal(keys[2], (args.lora_rank, args.dim))
+    lora_params = jax.device_get(lora_params)
+    ids = np.asarray(
+        jax.random.randint(keys[3], (args.batch, args.seq), 0, args.vocab, dtype=jnp.int32)
+    )
+    tx = optax.adam(LEARNING_RATE)
+    references = reference_steps(params, lora_params, ids, tx)
+    print(
+        f"unsharded one-device reference steps in {time.perf_counter() - wall:.1f} s: "
+        f"loss {references['full']['loss']:.6f} (full), {references['lora']['loss']:.6f} "
+        f"(LoRA)"
+    )
+
+    variants: list[Variant] = []
+    skipped: list[str] = []
+    for kind in kinds:
+        mesh = jax.make_mesh(
+            args.mesh,
+            ("data", "model"),
+            axis_types=(KINDS[kind],) * 2,
+            devices=jax.devices()[:n_devices],
+        )
+        for name in variants_wanted:
+            if name in ("vp", "lora_vp") and LAYOUTS[args.layout][0] != "model":
+                skipped.append(
+                    f"{label(name, args.lora_rank)} ({kind}): layout "
+                    f"{args.layout} does not split rows over 'model'"
+                )
+                continue
+            variant = build_variant(
+                name, kind, args, mesh, args.layout, params, lora_params, ids, tx
+            )
+            if variant.status == "ok":
+                check(
+                    variant,
+                    references[variant.reference],
+                    rtol=1e-5,
+                    param_atol=1e-2 * LEARNING_RATE,
+                )
+            variants.append(variant)
+    ok = [v for v in variants if v.status == "ok"]
+    print(
+        f"compiled and checked {len(ok)} variants against the unsharded step in "
+        f"{time.perf_counter() - wall:.1f} s (loss rtol 1e-5, new params atol "
+        f"{1e-2 * LEARNING_RATE:.0e}); max |dloss| "
+        f"{max((v.loss_error for v in ok), default=0):.1e}, max |dparam| "
+        f"{max((v.param_error for v in ok), default=0):.1e}"
+    )
+    if args.repeats:
+        time_round_robin(ok, args.repeats)
+
+    print(
+        "\nper-device compiled memory (MiB) and collectives of the step; "
+        f"median step over {args.repeats} round-robin repeats (8 simulated devices on "
+        f"{os.cpu_count()} cores: indicative only)"
+    )
+    print(format_table(variants, references, args))
+    print(
+        "AG/AR/RS/A2A/CP: all-gather, all-reduce, reduce-scatter, all-to-all, "
+        "collective-permute count; coll MiB: bytes of their per-device result buffers; "
+        "full AG: an all-gather result of shape (vocab, dim) or (vocab, rank)"
+    )
+    for line in skipped:
+        print(f"skipped: {line}")
+    print("\ncollectives (result shape per device, mesh axis of the replica groups):")
+    print(format_collectives(variants, mesh_shape))
+    total = {"wall_s": time.perf_counter() - wall, "process_cpu_s": cpu_seconds() - cpu}
+    meta.update(total)
+    print(
+        f"\ntotal {total['wall_s']:.1f} s wall, {total['process_cpu_s']:.1f} s CPU in this "
+        f"process ({total['process_cpu_s'] / total['wall_s']:.2f} of {os.cpu_count()} cores "
+        "on average; less means they were shared or waited on)"
+    )
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "meta": meta,
+                    "reference": {
+                        k: {"loss": r["loss"], "memory_bytes": r["memory"]}
+                        for k, r in references.items()
+                    },
+                    "results": [summary_row(v, args) for v in variants],
+                    "skipped": skipped,
+                },
+                f,
+                indent=2,
+            )
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
