@@ -102,14 +102,23 @@ def init(
     return {"embeddings": init_fn(key, (input_dim, output_dim), param_dtype)}
 
 
-def check_in_range(ids: jax.Array, input_dim: int) -> None:
+def check_in_range(ids: ArrayLike, input_dim: int) -> None:
     """Raises `IndexError` for an id outside [0, input_dim): at once for concrete ids, and
     through `checkify` for traced ones (the jitted function must then be checkified).
 
+    Useful to check a dataset once, eagerly, before a jitted loop that looks up with
+    `out_of_range="clip"`.
+
+    Args:
+        ids: integer array of any shape.
+        input_dim: the vocabulary size.
+
     Example:
         >>> import jax.numpy as jnp, jaxembed
-        >>> jaxembed.functional.check_in_range(jnp.array([0, 3]), 4)  # passes silently
+        >>> jaxembed.check_in_range(jnp.array([0, 3]), 4)  # passes silently
     """
+    ids = _checks.integer_ids(ids)
+    input_dim = _checks.positive_int("input_dim", input_dim)
     if not _checks.is_traced(ids):
         bad_id = _checks.first_out_of_range(ids, input_dim)
         if bad_id is not None:

@@ -214,6 +214,15 @@ class TestOutOfRange:
         with pytest.raises(ValueError, match="checkify"):
             jax.jit(jaxembed.apply)(params, jnp.array([1]))
 
+    def test_check_in_range_public(self):
+        jaxembed.check_in_range(np.array([[0, 6]]), 7)
+        with pytest.raises(IndexError, match=r"\[0, 7\); got id 7"):
+            jaxembed.check_in_range([1, 7], 7)
+        with pytest.raises(TypeError, match="`ids` must hold integers"):
+            jaxembed.check_in_range([1.5], 7)
+        with pytest.raises(ValueError, match="`input_dim` must be a positive integer"):
+            jaxembed.check_in_range([1], 0)
+
     def test_unknown_policy(self):
         params, _ = small_params()
         with pytest.raises(ValueError, match=r"`out_of_range` must be one of \['error', 'fill',"
