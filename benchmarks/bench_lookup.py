@@ -30,11 +30,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import functools
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -43,11 +41,11 @@ from typing import Any
 
 os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported
 
+import common
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import jaxlib
 import keras
 import numpy as np
 from jax.experimental import checkify
@@ -158,42 +156,16 @@ def warm_up_and_check(candidates: list[Candidate], table: jax.Array, ids: jax.Ar
             )
 
 
-def time_round_robin(
-    candidates: list[Candidate], workload: str, table: jax.Array, ids: jax.Array, rounds: int
-) -> dict[str, list[float]]:
-    """Per-call seconds for each candidate; the first candidate timed rotates each round."""
-    samples: dict[str, list[float]] = {c.name: [] for c in candidates}
-    fns = [(c.name, getattr(c, workload)) for c in candidates]
-    for r in range(rounds):
-        shift = r % len(fns)
-        for name, fn in fns[shift:] + fns[:shift]:
-            start = time.perf_counter()
-            jax.block_until_ready(fn(table, ids))
-            samples[name].append(time.perf_counter() - start)
-    return samples
-
-
-def paired_ratio(ours: list[float], theirs: list[float]) -> float:
-    """Median over rounds of ours/theirs, both timed in the same round: cancels slow drift."""
-    return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
-
-
 def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     base = samples[BASELINE]
-    base_median = statistics.median(base)
     summary = {}
     for name, times in samples.items():
-        q1, _, q3 = statistics.quantiles(times, n=4)
         summary[name] = {
-            "median_us": statistics.median(times) * 1e6,
-            "p25_us": q1 * 1e6,
-            "p75_us": q3 * 1e6,
-            "min_us": min(times) * 1e6,
-            "n": len(times),
+            **common.quartile_summary(times, "us"),
             # Ratio of medians, and the median of per-round ratios (each round's candidate
             # time over the same round's jnp.take time): the second cancels slow drift.
-            "ratio_vs_take": statistics.median(times) / base_median,
-            "paired_ratio_vs_take": paired_ratio(times, base),
+            "ratio_vs_take": common.ratio_of_medians(times, base),
+            "paired_ratio_vs_take": common.paired_ratio(times, base),
         }
     return summary
 
@@ -205,12 +177,10 @@ def verdict(
 ) -> list[str]:
     """PASS/FAIL per target, decided on the paired ratio (the lower-variance estimate on a
     noisy machine); the ratio of medians is shown beside it."""
-    lines = []
-    checks: list[bool] = []
+    checks: list[tuple[bool, str]] = []
 
     def check(ok: bool, text: str) -> None:
-        checks.append(ok)
-        lines.append(f"[{'PASS' if ok else 'FAIL'}] {text}")
+        checks.append((ok, text))
 
     forward = results["forward"][HEADLINE]
     check(
@@ -223,20 +193,15 @@ def verdict(
         ours = samples[workload][HEADLINE]
         for other in ("flax.linen.Embed", "keras.layers.Embedding"):
             theirs = samples[workload][other]
-            paired = paired_ratio(ours, theirs)
-            of_medians = statistics.median(ours) / statistics.median(theirs)
+            paired = common.paired_ratio(ours, theirs)
+            of_medians = common.ratio_of_medians(ours, theirs)
             check(
                 paired <= 1 + tolerance,
                 f"{HEADLINE} {workload} no slower than {other} (<= {1 + tolerance:.2f}x, "
                 f"{tolerance:.0%} noise margin): paired {paired:.3f}x "
                 f"(ratio of medians {of_medians:.3f}x)",
             )
-    missed = checks.count(False)
-    lines.append(
-        "VERDICT: "
-        + ("all targets met" if not missed else f"{missed} of {len(checks)} targets missed")
-    )
-    return lines
+    return common.verdict_lines(checks)
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -295,26 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     table = jaxembed.init(table_key, args.vocab, args.dim)["embeddings"]
     ids = jax.random.randint(ids_key, (args.num_ids,), 0, args.vocab, dtype=jnp.int32)
 
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "device_platform": device.platform,
-        "device_kind": device.device_kind,
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "keras": keras.__version__,
-        "jaxembed": jaxembed.__version__,
-        "vocab": args.vocab,
-        "dim": args.dim,
-        "num_ids": args.num_ids,
-        "table_dtype": str(table.dtype),
-        "repeats_forward": forward_repeats,
-        "repeats_forward_backward": args.repeats,
-        "tolerance": args.tolerance,
-    }
+    meta = common.run_metadata(
+        libraries=("jax", "jaxlib", "flax", "keras", "jaxembed"),
+        vocab=args.vocab,
+        dim=args.dim,
+        num_ids=args.num_ids,
+        table_dtype=str(table.dtype),
+        repeats_forward=forward_repeats,
+        repeats_forward_backward=args.repeats,
+        tolerance=args.tolerance,
+    )
     print(
         f"device: {device.platform} / {device.device_kind} (x{jax.device_count()}), "
         f"{os.cpu_count()} CPU cores visible"
@@ -336,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
 
     samples, results = {}, {}
     for workload, rounds in (("forward", forward_repeats), ("forward_backward", args.repeats)):
-        samples[workload] = time_round_robin(candidates, workload, table, ids, rounds)
+        calls = {c.name: functools.partial(getattr(c, workload), table, ids) for c in candidates}
+        samples[workload], _ = common.time_round_robin(calls, rounds)
         results[workload] = summarize(samples[workload])
     print(format_table(results))
     print("\n'x take' = median / median of jnp.take; 'paired' = median of per-round ratios")
@@ -345,17 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {time.perf_counter() - wall:.1f} s")
 
     if args.json:
-        with open(args.json, "w") as f:
-            samples_us = {
-                workload: {name: [t * 1e6 for t in times] for name, times in by_name.items()}
-                for workload, by_name in samples.items()
-            }
-            json.dump(
-                {"meta": meta, "results": results, "verdict": lines, "samples_us": samples_us},
-                f,
-                indent=2,
-            )
-        print(f"wrote {args.json}")
+        common.write_json(
+            args.json,
+            {
+                "meta": meta,
+                "results": results,
+                "verdict": lines,
+                "samples_us": common.scaled_samples(samples, "us"),
+            },
+        )
     return 0
 
 

@@ -45,12 +45,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import re
-import resource
 import statistics
 import sys
 import time
@@ -60,7 +57,7 @@ from typing import Any
 
 os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported
 
-import flax
+import common
 import jax
 import jax.numpy as jnp
 import jaxlib
@@ -237,9 +234,8 @@ def compile_and_warm(candidate: Candidate) -> float:
 
 
 def memory(candidate: Candidate) -> dict[str, int]:
-    analysis = candidate.compiled.memory_analysis()
     names = ("temp", "argument", "output", "alias", "generated_code")
-    return {name: int(getattr(analysis, f"{name}_size_in_bytes")) for name in names}
+    return common.memory_bytes(candidate.compiled, names)
 
 
 def vd_ops(candidate: Candidate, vocab: int, dim: int) -> int:
@@ -253,37 +249,9 @@ def vd_ops(candidate: Candidate, vocab: int, dim: int) -> int:
     )
 
 
-def minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def time_round_robin(
-    candidates: dict[str, Candidate], rounds: int
-) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
-    """Per-call seconds (and minor page faults) for each candidate; the first candidate
-    timed rotates each round."""
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    faults: dict[str, list[int]] = {name: [] for name in candidates}
-    items = list(candidates.items())
-    for r in range(rounds):
-        shift = r % len(items)
-        for name, candidate in items[shift:] + items[:shift]:
-            faults_before = minor_faults()
-            start = time.perf_counter()
-            jax.block_until_ready(candidate())
-            samples[name].append(time.perf_counter() - start)
-            faults[name].append(minor_faults() - faults_before)
-    return samples, faults
-
-
 def stats(times: list[float], faults: list[int]) -> dict[str, float]:
-    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
     return {
-        "median_ms": statistics.median(times) * 1e3,
-        "p25_ms": q1 * 1e3,
-        "p75_ms": q3 * 1e3,
-        "min_ms": min(times) * 1e3,
-        "n": len(times),
+        **common.quartile_summary(times, "ms"),
         "minor_faults_per_call": statistics.median(faults),
     }
 
@@ -305,17 +273,9 @@ def rerun_with_malloc_env(argv: list[str]) -> None:
 def ratios(num: list[float], den: list[float]) -> dict[str, float]:
     """num/den as the ratio of medians and as the median of per-round ratios."""
     return {
-        "of_medians": statistics.median(num) / statistics.median(den),
-        "paired": statistics.median(a / b for a, b in zip(num, den, strict=True)),
+        "of_medians": common.ratio_of_medians(num, den),
+        "paired": common.paired_ratio(num, den),
     }
-
-
-def load_average() -> str:
-    """1, 5 and 15 minute load averages: other processes competing for the CPU cores."""
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def mib(n: int) -> str:
@@ -367,33 +327,21 @@ def main(argv: list[str] | None = None) -> int:
         rerun_with_malloc_env(argv)
     device = jax.devices()[0]
     tx = optax.adam(LEARNING_RATE)
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "device_platform": device.platform,
-        "device_kind": device.device_kind,
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "keras": keras.__version__,
-        "jaxembed": jaxembed.__version__,
-        "vocab": args.vocab,
-        "large_vocab": args.large_vocab,
-        "dim": args.dim,
-        "num_ids": args.num_ids,
-        "rank": args.rank,
-        "lora_alpha": args.lora_alpha,
-        "repeats": args.repeats,
-        "large_keras_repeats": args.large_keras_repeats,
-        "no_mmap_malloc": args.no_mmap_malloc,
-        "load_average_start": load_average(),
-    }
+    meta = common.run_metadata(
+        vocab=args.vocab,
+        large_vocab=args.large_vocab,
+        dim=args.dim,
+        num_ids=args.num_ids,
+        rank=args.rank,
+        lora_alpha=args.lora_alpha,
+        repeats=args.repeats,
+        large_keras_repeats=args.large_keras_repeats,
+        no_mmap_malloc=args.no_mmap_malloc,
+        load_average_start=common.load_average(),
+    )
     print(
         f"device: {device.platform} / {device.device_kind} (x{jax.device_count()}), "
-        f"{os.cpu_count()} CPU cores visible, load average {load_average()} at start"
+        f"{os.cpu_count()} CPU cores visible, load average {common.load_average()} at start"
     )
     print(
         f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, optax {optax.__version__}, "
@@ -446,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     samples, faults = {}, {}
     for section, candidates in sections.items():
         rounds = args.large_keras_repeats if section == "keras large" else args.repeats
-        samples[section], faults[section] = time_round_robin(candidates, rounds)
+        samples[section], faults[section] = common.time_round_robin(candidates, rounds)
 
     results: dict[str, Any] = {
         section: {name: stats(times, faults[section][name]) for name, times in by_name.items()}
@@ -562,43 +510,33 @@ def main(argv: list[str] | None = None) -> int:
             f"{scaling_ratio['of_medians']:.2f}x",
         ),
     ]
-    lines = [f"[{'PASS' if ok else 'FAIL'}] {text}" for ok, text in checks]
-    missed = sum(not ok for ok, _ in checks)
-    lines.append(
-        "VERDICT: "
-        + ("all targets met" if not missed else f"{missed} of {len(checks)} targets missed")
-    )
+    lines = common.verdict_lines(checks)
     print("\n" + "\n".join(lines))
-    meta["load_average_end"] = load_average()
-    print(f"\ntotal {time.perf_counter() - wall:.1f} s; load average {load_average()} at end")
+    meta["load_average_end"] = common.load_average()
+    print(
+        f"\ntotal {time.perf_counter() - wall:.1f} s; load average {common.load_average()} at end"
+    )
 
     if args.json:
-        with open(args.json, "w") as f:
-            samples_ms = {
-                section: {name: [t * 1e3 for t in times] for name, times in by_name.items()}
-                for section, by_name in samples.items()
-            }
-            json.dump(
-                {
-                    "meta": meta,
-                    "agreement": agreement,
-                    "compile_s": compile_s,
-                    "results": results,
-                    "ratios": {
-                        "forward_keras_over_jaxembed": forward_ratio,
-                        "step_keras_over_jaxembed": step_ratio,
-                        "jaxembed_step_large_over_small": scaling_ratio,
-                    },
-                    "memory_bytes": mem,
-                    "vd_ops": vd_counts,
-                    "verdict": lines,
-                    "samples_ms": samples_ms,
-                    "minor_faults_per_call": faults,
+        common.write_json(
+            args.json,
+            {
+                "meta": meta,
+                "agreement": agreement,
+                "compile_s": compile_s,
+                "results": results,
+                "ratios": {
+                    "forward_keras_over_jaxembed": forward_ratio,
+                    "step_keras_over_jaxembed": step_ratio,
+                    "jaxembed_step_large_over_small": scaling_ratio,
                 },
-                f,
-                indent=2,
-            )
-        print(f"wrote {args.json}")
+                "memory_bytes": mem,
+                "vd_ops": vd_counts,
+                "verdict": lines,
+                "samples_ms": common.scaled_samples(samples, "ms"),
+                "minor_faults_per_call": faults,
+            },
+        )
     return 0
 
 

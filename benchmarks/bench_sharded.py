@@ -54,12 +54,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse
 import contextlib
-import datetime
-import json
 import math
 import platform
 import re
-import resource
 import statistics
 import sys
 import time
@@ -67,6 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import common
 import flax
 import flax.linen as nn
 import jax
@@ -108,6 +106,7 @@ DTYPE_BYTES = {
 }
 LEARNING_RATE = 1e-3
 MiB = 2**20
+MEMORY = ("argument", "output", "alias", "temp")  # the memory_analysis() figures reported
 
 
 # ----------------------------------------------------------------------------- the model
@@ -343,13 +342,7 @@ def build_variant(
         variant.error = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         return variant
     variant.compiled, variant.state, variant.static_args = compiled, (trainable, opt_state), static
-    stats = compiled.memory_analysis()
-    variant.memory = {
-        "argument": stats.argument_size_in_bytes,
-        "output": stats.output_size_in_bytes,
-        "alias": stats.alias_size_in_bytes,
-        "temp": stats.temp_size_in_bytes,
-    }
+    variant.memory = common.memory_bytes(compiled, MEMORY)
     variant.collectives = collectives(compiled.as_text())
     return variant
 
@@ -384,16 +377,10 @@ def reference_steps(params, lora_params, ids, tx) -> dict[str, dict[str, Any]]:
             .compile()
         )
         new, _, loss = compiled(trainable, opt_state, *static, ids_d)
-        stats = compiled.memory_analysis()
         out[key] = {
             "loss": float(loss),
             "params": {k: np.asarray(v) for k, v in new.items() if v is not None},
-            "memory": {
-                "argument": stats.argument_size_in_bytes,
-                "output": stats.output_size_in_bytes,
-                "alias": stats.alias_size_in_bytes,
-                "temp": stats.temp_size_in_bytes,
-            },
+            "memory": common.memory_bytes(compiled, MEMORY),
         }
     return out
 
@@ -416,15 +403,6 @@ def check(variant: Variant, reference: dict[str, Any], rtol: float, param_atol: 
             f"{variant.name} ({variant.kind}) disagrees with the unsharded step: loss "
             f"{variant.loss} vs {reference['loss']}, max |param diff| {variant.param_error:.2e}"
         )
-
-
-def time_round_robin(variants: list[Variant], rounds: int) -> None:
-    for r in range(rounds):
-        shift = r % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
-            start = time.perf_counter()
-            jax.block_until_ready(variant.call())
-            variant.times.append(time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------- report
@@ -520,11 +498,6 @@ def format_collectives(variants: list[Variant], mesh_shape: dict[str, int]) -> s
 # ----------------------------------------------------------------------------- main
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def parse_mesh(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"(\d+)x(\d+)", text)
     if not match:
@@ -586,28 +559,18 @@ def main(argv: list[str] | None = None) -> int:
 
     mesh_shape = {"data": args.mesh[0], "model": args.mesh[1]}
     device = jax.devices()[0]
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "device_platform": device.platform,
-        "device_kind": device.device_kind,
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "jaxembed": jaxembed.__version__,
-        "mesh": mesh_shape,
-        "layout": args.layout,
-        "table_spec": str(LAYOUTS[args.layout]),
-        "vocab": args.vocab,
-        "dim": args.dim,
-        "ids_shape": [args.batch, args.seq],
-        "lora_rank": args.lora_rank,
-        "repeats": args.repeats,
-    }
+    meta = common.run_metadata(
+        libraries=("jax", "jaxlib", "flax", "optax", "jaxembed"),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        mesh=mesh_shape,
+        layout=args.layout,
+        table_spec=str(LAYOUTS[args.layout]),
+        vocab=args.vocab,
+        dim=args.dim,
+        ids_shape=[args.batch, args.seq],
+        lora_rank=args.lora_rank,
+        repeats=args.repeats,
+    )
     load = os.getloadavg()[0]
     meta["load_average_1min_at_start"] = load
     print(
@@ -625,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         f"P('data', None); step = tied-logits cross-entropy + grad + adam, params donated"
     )
 
-    wall, cpu = time.perf_counter(), cpu_seconds()
+    wall, cpu = time.perf_counter(), common.cpu_seconds()
     keys = jax.random.split(jax.random.key(args.seed), 4)
     params = jax.device_get(jaxembed.init(keys[0], args.vocab, args.dim))
     lora_params = jaxembed.enable_lora(params, keys[1], args.lora_rank)
@@ -679,7 +642,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{max((v.param_error for v in ok), default=0):.1e}"
     )
     if args.repeats:
-        time_round_robin(ok, args.repeats)
+        # Keyed by position: a variant's name repeats across mesh kinds.
+        times, _ = common.time_round_robin(dict(enumerate(v.call for v in ok)), args.repeats)
+        for i, variant in enumerate(ok):
+            variant.times.extend(times[i])
 
     print(
         "\nper-device compiled memory (MiB) and collectives of the step; "
@@ -696,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {line}")
     print("\ncollectives (result shape per device, mesh axis of the replica groups):")
     print(format_collectives(variants, mesh_shape))
-    total = {"wall_s": time.perf_counter() - wall, "process_cpu_s": cpu_seconds() - cpu}
+    total = {"wall_s": time.perf_counter() - wall, "process_cpu_s": common.cpu_seconds() - cpu}
     meta.update(total)
     print(
         f"\ntotal {total['wall_s']:.1f} s wall, {total['process_cpu_s']:.1f} s CPU in this "
@@ -705,21 +671,18 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "meta": meta,
-                    "reference": {
-                        k: {"loss": r["loss"], "memory_bytes": r["memory"]}
-                        for k, r in references.items()
-                    },
-                    "results": [summary_row(v, args) for v in variants],
-                    "skipped": skipped,
+        common.write_json(
+            args.json,
+            {
+                "meta": meta,
+                "reference": {
+                    k: {"loss": r["loss"], "memory_bytes": r["memory"]}
+                    for k, r in references.items()
                 },
-                f,
-                indent=2,
-            )
-        print(f"wrote {args.json}")
+                "results": [summary_row(v, args) for v in variants],
+                "skipped": skipped,
+            },
+        )
     return 0
 
 

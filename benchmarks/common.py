@@ -1,0 +1,160 @@
+"""Helpers shared by the benchmark scripts of this folder.
+
+Round-robin timing, quartile summaries and ratios of timing samples, the run metadata
+of `--json`, process counters (load average, CPU seconds, minor page faults) and the verdict
+lines. The scripts are run as `python benchmarks/bench_X.py`, which puts this folder first on
+`sys.path`, so they import this module as `common`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import jax
+
+K = TypeVar("K")
+
+# The libraries whose versions `run_metadata` records, in this order (those importable).
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "keras", "jaxembed")
+# Units of `quartile_summary` and `scaled_samples`: the factor from seconds.
+UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6}
+
+
+# ----------------------------------------------------------------------------- process counters
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def load_average() -> str:
+    """1, 5 and 15 minute load averages: other processes competing for the CPU cores."""
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_round_robin(
+    calls: Mapping[K, Callable[[], Any]], rounds: int
+) -> tuple[dict[K, list[float]], dict[K, list[int]]]:
+    """Per-call seconds (and minor page faults) of each zero-argument call, `rounds` samples
+    each; every round calls each once, the first one called rotating each round, so that drift
+    on a noisy machine hits all of them alike. A sample is one call + `block_until_ready`."""
+    samples: dict[K, list[float]] = {key: [] for key in calls}
+    faults: dict[K, list[int]] = {key: [] for key in calls}
+    items = list(calls.items())
+    for r in range(rounds):
+        shift = r % len(items)
+        for key, call in items[shift:] + items[:shift]:
+            faults_before = minor_faults()
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            samples[key].append(time.perf_counter() - start)
+            faults[key].append(minor_faults() - faults_before)
+    return samples, faults
+
+
+def quartile_summary(times: Sequence[float], unit: str) -> dict[str, float]:
+    """Median, quartiles and minimum of seconds, in `unit` (a key of UNITS), and the count;
+    a single sample stands for all three quartiles."""
+    scale = UNITS[unit]
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else list(times) * 3
+    return {
+        f"median_{unit}": statistics.median(times) * scale,
+        f"p25_{unit}": q1 * scale,
+        f"p75_{unit}": q3 * scale,
+        f"min_{unit}": min(times) * scale,
+        "n": len(times),
+    }
+
+
+def ratio_of_medians(num: Sequence[float], den: Sequence[float]) -> float:
+    return statistics.median(num) / statistics.median(den)
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median over rounds of num/den, both timed in the same round: cancels slow drift."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+def scaled_samples(
+    samples: Mapping[str, Mapping[str, Sequence[float]]], unit: str
+) -> dict[str, dict[str, list[float]]]:
+    """{section: {name: seconds}} in `unit` (a key of UNITS), for the JSON output."""
+    scale = UNITS[unit]
+    return {
+        section: {name: [t * scale for t in times] for name, times in by_name.items()}
+        for section, by_name in samples.items()
+    }
+
+
+# ----------------------------------------------------------------------------- compiled code
+
+
+def memory_bytes(compiled: Any, names: Iterable[str]) -> dict[str, int]:
+    """`{name: compiled.memory_analysis().<name>_size_in_bytes}` for a compiled function."""
+    analysis = compiled.memory_analysis()
+    return {name: int(getattr(analysis, f"{name}_size_in_bytes")) for name in names}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def verdict_lines(checks: Sequence[tuple[bool, str]]) -> list[str]:
+    """A `[PASS]`/`[FAIL]` line per (ok, text) check, then the VERDICT line."""
+    lines = [f"[{'PASS' if ok else 'FAIL'}] {text}" for ok, text in checks]
+    missed = sum(not ok for ok, _ in checks)
+    lines.append(
+        "VERDICT: "
+        + ("all targets met" if not missed else f"{missed} of {len(checks)} targets missed")
+    )
+    return lines
+
+
+def run_metadata(libraries: Sequence[str] = LIBRARIES, **extra: Any) -> dict[str, Any]:
+    """Date, device, host and the versions of those of `libraries` that are importable,
+    then `extra`."""
+    device = jax.devices()[0]
+    meta: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "device_platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    for name in libraries:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        meta[name] = module.__version__
+    meta.update(extra)
+    return meta
+
+
+def write_json(path: str, payload: Any) -> None:
+    """Writes `payload` as indented JSON to `path` and says so."""
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {path}")
