@@ -87,6 +87,11 @@ def attend_shardings(query: jax.Array, table: jax.Array) -> AttendShardings | No
     backward), while re-splitting moves one table shard per device (an all-to-all; no device
     ever holds the whole table). That is the cheaper side whenever a batch's logits
     (tokens x input_dim) outweigh a table shard, as in language-model training.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> jaxembed.sharding.attend_shardings(jnp.ones((2, 4)), jnp.ones((10, 4))) is None
+        True
     """
     mesh = explicit_mesh(query, table)
     if mesh is None:

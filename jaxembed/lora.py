@@ -54,7 +54,13 @@ LORA_DTYPE = jnp.float32
 
 
 def adapter_shapes(input_dim: int, output_dim: int, rank: int) -> dict[str, tuple[int, int]]:
-    """{"lora_embeddings_a": (input_dim, rank), "lora_embeddings_b": (rank, output_dim)}."""
+    """{"lora_embeddings_a": (input_dim, rank), "lora_embeddings_b": (rank, output_dim)}.
+
+    Example:
+        >>> import jaxembed
+        >>> jaxembed.lora.adapter_shapes(100, 8, rank=4)["lora_embeddings_a"]
+        (100, 4)
+    """
     input_dim = _checks.positive_int("input_dim", input_dim)
     output_dim = _checks.positive_int("output_dim", output_dim)
     rank = _checks.positive_int("rank", rank)
@@ -65,7 +71,14 @@ def adapter_initializers(
     a_initializer: initializers.InitializerLike = "he_uniform",
     b_initializer: initializers.InitializerLike = "zeros",
 ) -> dict[str, initializers.Initializer]:
-    """{name: (key, shape, dtype) -> matrix} for A and B, Keras's defaults."""
+    """{name: (key, shape, dtype) -> matrix} for A and B, Keras's defaults.
+
+    Example:
+        >>> import jax, jaxembed
+        >>> draws = jaxembed.lora.adapter_initializers()
+        >>> float(draws["lora_embeddings_b"](jax.random.key(0), (2, 3)).sum())
+        0.0
+    """
     return {LORA_A: initializers.get(a_initializer), LORA_B: initializers.get(b_initializer)}
 
 
