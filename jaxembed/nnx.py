@@ -233,7 +233,6 @@ class Embedding(nnx.Module):
         arguments = {name: getattr(module, name) for name in _layer.ARGUMENTS}
         arguments.update(weights=params["embeddings"], lora_rank=None)
         layer = cls(**arguments, rngs=rngs or nnx.Rngs(0))
-        layer.embeddings[...] = jnp.asarray(params["embeddings"])  # keeps param_dtype exact
         if adapter is not None:
             layer._set_adapter(params, module.lora_alpha)
         return layer
