@@ -104,8 +104,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="seed for initialization and batch order")
     add("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    for name in ("steps_pretrain", "steps_finetune", "batch_size", "seq_len", "d_model",
-                 "layers", "heads", "lora_rank", "eval_every", "eval_sequences"):
+    for name in (
+        "steps_pretrain",
+        "steps_finetune",
+        "batch_size",
+        "seq_len",
+        "d_model",
+        "layers",
+        "heads",
+        "lora_rank",
+        "eval_every",
+        "eval_sequences",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.d_model % args.heads:
@@ -138,7 +148,8 @@ def package_files(packages: Sequence[str]) -> list[pathlib.Path]:
         if not root.is_dir():
             raise SystemExit(f"stdlib package {package!r} not found under {stdlib}")
         files += [
-            path for path in root.rglob("*.py")
+            path
+            for path in root.rglob("*.py")
             if not any(part in ("test", "tests") for part in path.relative_to(root).parts)
         ]
     if len(files) < 2:
@@ -223,8 +234,9 @@ def evenly_spaced(sequences: np.ndarray, count: int) -> np.ndarray:
     return sequences[np.linspace(0, len(sequences) - 1, count).round().astype(int)]
 
 
-def random_batches(sequences: np.ndarray, batch_size: int, rng: np.random.Generator
-                   ) -> Iterator[np.ndarray]:
+def random_batches(
+    sequences: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
     """Endless shuffled batches, reshuffled every epoch (drop-last keeps shapes static)."""
     if len(sequences) < batch_size:
         sequences = np.resize(sequences, (batch_size, sequences.shape[1]))
@@ -373,24 +385,23 @@ def make_train_step(model: ByteLM, tx: optax.GradientTransformation) -> Callable
     return step
 
 
-def make_adapter_step(model: ByteLM, tx: optax.GradientTransformation, frozen: Params
-                      ) -> Callable:
+def make_adapter_step(model: ByteLM, tx: optax.GradientTransformation, frozen: Params) -> Callable:
     """Jitted LoRA step: (adapter, opt_state, batch) -> (adapter, opt_state, loss).
 
     Gradients and optimizer state exist for the adapter only. The frozen weights are an
     input of the compiled step but not an output, so no step can change them.
     """
 
-    def loss_of_adapter(adapter: Params, frozen: Params, batch: jax.Array
-                        ) -> tuple[jax.Array, jax.Array]:
+    def loss_of_adapter(
+        adapter: Params, frozen: Params, batch: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         return masked_loss(model, jaxembed.lora.combine(adapter, frozen), batch)
 
     @jax.jit
-    def step(adapter: Params, opt_state: Any, batch: jax.Array, frozen: Params
-             ) -> tuple[Params, Any, jax.Array]:
-        (loss, _), grads = jax.value_and_grad(loss_of_adapter, has_aux=True)(
-            adapter, frozen, batch
-        )
+    def step(
+        adapter: Params, opt_state: Any, batch: jax.Array, frozen: Params
+    ) -> tuple[Params, Any, jax.Array]:
+        (loss, _), grads = jax.value_and_grad(loss_of_adapter, has_aux=True)(adapter, frozen, batch)
         updates, opt_state = tx.update(grads, opt_state, adapter)
         return optax.apply_updates(adapter, updates), opt_state, loss
 
@@ -522,8 +533,9 @@ def make_logits_fn(model: ByteLM) -> Callable[[Params, np.ndarray], np.ndarray]:
 # ----------------------------------------------------------------------------------------
 
 
-def plot_curves(path: pathlib.Path, pretrain: Curves, finetune: Curves,
-                domains: Sequence[str], switch: int) -> None:
+def plot_curves(
+    path: pathlib.Path, pretrain: Curves, finetune: Curves, domains: Sequence[str], switch: int
+) -> None:
     """Training loss per step (left) and held-out loss per domain (right), pretraining and
     LoRA fine-tuning on one step axis."""
     fig = Figure(figsize=(12, 4.5), layout="constrained")
@@ -550,12 +562,20 @@ def plot_curves(path: pathlib.Path, pretrain: Curves, finetune: Curves,
     left.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
     for axis in (left, right):
         axis.axvline(switch, color="gray", linestyle="--", linewidth=1)
-        axis.text(switch, 0.98, " LoRA starts", transform=axis.get_xaxis_transform(),
-                  va="top", color="gray")
+        axis.text(
+            switch,
+            0.98,
+            " LoRA starts",
+            transform=axis.get_xaxis_transform(),
+            va="top",
+            color="gray",
+        )
         axis.grid(alpha=0.3)
         axis.legend(loc="lower left")
-    fig.suptitle("jaxembed byte-level LM on Python's standard library: pretraining, then "
-                 "LoRA on the embedding only")
+    fig.suptitle(
+        "jaxembed byte-level LM on Python's standard library: pretraining, then "
+        "LoRA on the embedding only"
+    )
     fig.savefig(path, dpi=120)
 
 
@@ -573,8 +593,10 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:],
-                                                                       strict=True))]
+        cells = [
+            row[0].ljust(widths[0]),
+            *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)),
+        ]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -582,8 +604,13 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def results_table(
-    domains: Sequence[str], before: dict[str, float], after: dict[str, float],
-    pretrain: Curves, finetune: Curves, full: int, lora: int,
+    domains: Sequence[str],
+    before: dict[str, float],
+    after: dict[str, float],
+    pretrain: Curves,
+    finetune: Curves,
+    full: int,
+    lora: int,
 ) -> str:
     """The final summary: held-out loss before/after fine-tuning, then training cost."""
     loss_rows = [
@@ -593,12 +620,16 @@ def results_table(
         ["change", *(f"{after[d] - before[d]:+.3f}" for d in domains)],
     ]
     cost_rows = [["", "pretrain", "LoRA fine-tune"]]
-    cost_rows.append(["trainable parameters", f"{full:,}",
-                      f"{lora:,} ({100 * lora / full:.1f}% of {full:,})"])
-    cost_rows.append(["time per step (median)", *(f"{1000 * c.step_time():.1f} ms"
-                                                   for c in (pretrain, finetune))])
-    cost_rows.append(["tokens/s", *(f"{c.tokens_per_second():,.0f}"
-                                    for c in (pretrain, finetune))])
+    cost_rows.append(
+        ["trainable parameters", f"{full:,}", f"{lora:,} ({100 * lora / full:.1f}% of {full:,})"]
+    )
+    cost_rows.append(
+        [
+            "time per step (median)",
+            *(f"{1000 * c.step_time():.1f} ms" for c in (pretrain, finetune)),
+        ]
+    )
+    cost_rows.append(["tokens/s", *(f"{c.tokens_per_second():,.0f}" for c in (pretrain, finetune))])
     return format_table(loss_rows) + "\n\n" + format_table(cost_rows)
 
 
@@ -609,36 +640,57 @@ def results_table(
 
 def describe_run(source: Domain, target: Domain, args: argparse.Namespace) -> None:
     """What the user is about to watch: the data, where it comes from, and the model."""
-    print(f"Python {sys.version.split()[0]} standard library, JAX on "
-          f"{jax.devices()[0].device_kind} ({jax.default_backend()})")
+    print(
+        f"Python {sys.version.split()[0]} standard library, JAX on "
+        f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
+    )
     for role, domain in (("pretrain", source), ("fine-tune", target)):
-        print(f"  {role:<9}  {domain.name}: {len(domain.train_files)} files, "
-              f"{len(domain.train):,} padded sequences of up to {args.seq_len + 1} bytes")
-        print(f"  {'':<9}  held out: {', '.join(p.name for p in domain.held_out_files)} "
-              f"({len(domain.held_out):,} sequences)")
-    print(f"Model: jaxembed.Embedding({VOCAB_SIZE}, {args.d_model}, mask_zero=True) -> "
-          f"{args.layers} causal attention blocks ({args.heads} heads) -> tied logits via "
-          f"attend; LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}")
+        print(
+            f"  {role:<9}  {domain.name}: {len(domain.train_files)} files, "
+            f"{len(domain.train):,} padded sequences of up to {args.seq_len + 1} bytes"
+        )
+        print(
+            f"  {'':<9}  held out: {', '.join(p.name for p in domain.held_out_files)} "
+            f"({len(domain.held_out):,} sequences)"
+        )
+    print(
+        f"Model: jaxembed.Embedding({VOCAB_SIZE}, {args.d_model}, mask_zero=True) -> "
+        f"{args.layers} causal attention blocks ({args.heads} heads) -> tied logits via "
+        f"attend; LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}"
+    )
 
 
 def pretrain(
-    args: argparse.Namespace, model: ByteLM, key: jax.Array, source: Domain,
-    eval_sets: dict[str, list[np.ndarray]], rng: np.random.Generator,
+    args: argparse.Namespace,
+    model: ByteLM,
+    key: jax.Array,
+    source: Domain,
+    eval_sets: dict[str, list[np.ndarray]],
+    rng: np.random.Generator,
 ) -> tuple[Params, Curves]:
     """Trains every weight of a fresh model on the source domain."""
     params = jit_init(model, key, args.seq_len)
     tx = optax.adamw(schedule(args.lr, args.steps_pretrain), weight_decay=0.01)
     evaluate = make_evaluator(model)
     return train(
-        "pretrain", make_train_step(model, tx), (params, tx.init(params)),
-        random_batches(source.train, args.batch_size, rng), args.steps_pretrain,
-        lambda p: {name: evaluate(p, batches) for name, batches in eval_sets.items()}, args,
+        "pretrain",
+        make_train_step(model, tx),
+        (params, tx.init(params)),
+        random_batches(source.train, args.batch_size, rng),
+        args.steps_pretrain,
+        lambda p: {name: evaluate(p, batches) for name, batches in eval_sets.items()},
+        args,
     )
 
 
 def finetune_lora(
-    args: argparse.Namespace, lora_model: ByteLM, pretrained: Params, key: jax.Array,
-    target: Domain, eval_sets: dict[str, list[np.ndarray]], rng: np.random.Generator,
+    args: argparse.Namespace,
+    lora_model: ByteLM,
+    pretrained: Params,
+    key: jax.Array,
+    target: Domain,
+    eval_sets: dict[str, list[np.ndarray]],
+    rng: np.random.Generator,
 ) -> tuple[Params, Params, Curves]:
     """Adds a LoRA adapter to the pretrained token table and trains only the adapter on the
     target domain. Returns (all LoRA params, the adapter alone, curves).
@@ -656,8 +708,11 @@ def finetune_lora(
     tx = optax.adam(schedule(args.lora_lr, args.steps_finetune))
     evaluate = make_evaluator(lora_model)
     adapter, curves = train(
-        "LoRA fine-tune", make_adapter_step(lora_model, tx, frozen), (adapter, tx.init(adapter)),
-        random_batches(target.train, args.batch_size, rng), args.steps_finetune,
+        "LoRA fine-tune",
+        make_adapter_step(lora_model, tx, frozen),
+        (adapter, tx.init(adapter)),
+        random_batches(target.train, args.batch_size, rng),
+        args.steps_finetune,
         lambda a: {
             name: evaluate(jaxembed.lora.combine(a, frozen), batches)
             for name, batches in eval_sets.items()
@@ -732,15 +787,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     full, lora_count = count_params(pretrained), count_params(adapter)
 
     print()
-    print(results_table(domains, before, after, pretrain_curves, finetune_curves, full,
-                        lora_count))
-    print("(LoRA trades some of the pretraining domain for the fine-tuning one; the unmerged "
-          "checkpoint keeps the base weights: jaxembed.lora.remove_lora gets them back.)")
+    print(results_table(domains, before, after, pretrain_curves, finetune_curves, full, lora_count))
+    print(
+        "(LoRA trades some of the pretraining domain for the fine-tuning one; the unmerged "
+        "checkpoint keeps the base weights: jaxembed.lora.remove_lora gets them back.)"
+    )
     print()
     verdict = {True: "ok", False: "FAILED"}
     print(f"merged == unmerged LoRA outputs: {verdict[merge_ok]} (max |diff| {merge_diff:.1e})")
-    print(f"checkpoints restore identical outputs: pretrained {verdict[pretrained_ok]}, "
-          f"lora {verdict[lora_ok]}, merged {verdict[merged_ok]}  -> {checkpoints}")
+    print(
+        f"checkpoints restore identical outputs: pretrained {verdict[pretrained_ok]}, "
+        f"lora {verdict[lora_ok]}, merged {verdict[merged_ok]}  -> {checkpoints}"
+    )
     print(f"loss curves -> {plot_path}")
     print(f"total time: {time.perf_counter() - started:.0f} s")
 

@@ -176,8 +176,7 @@ def weights_matrix(weights: Any, input_dim: int, output_dim: int) -> Any:
     if not is_traced(array) and not np.all(np.isfinite(np.asarray(array, dtype=np.float64))):
         count = int(np.size(array) - np.isfinite(np.asarray(array, dtype=np.float64)).sum())
         raise ValueError(
-            f"`weights` must be finite. Received: weights with {count} NaN or infinite "
-            "value(s)."
+            f"`weights` must be finite. Received: weights with {count} NaN or infinite value(s)."
         )
     return array
 
@@ -266,7 +265,6 @@ def embeddings_table(params: Any) -> jax.Array:
             f"Received: shape {getattr(table, 'shape', None)}."
         )
     return jnp.asarray(table)
-
 
 
 LORA_A = "lora_embeddings_a"

@@ -103,7 +103,10 @@ class Embedding(nn.Module):
                 reduce_fn=lambda _, new: new,
             )
         return functional.apply(
-            params, ids, dtype=self.dtype, out_of_range=self.out_of_range,
+            params,
+            ids,
+            dtype=self.dtype,
+            out_of_range=self.out_of_range,
             lora_alpha=self.lora_alpha,
         )
 

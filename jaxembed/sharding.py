@@ -32,6 +32,7 @@ from jaxembed._mesh import SpecEntry, attend_shardings, gather_sharding
 
 __all__ = ["attend_shardings", "gather_sharding", "vocab_parallel_apply"]
 
+
 def _context_mesh() -> Any:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

@@ -27,8 +27,9 @@ TABLE = jnp.array([[3.0, -4.0], [4.0, 0.0], [0.0, 3.0]])  # column norms 5 and 5
     ],
 )
 def test_norm_constraints(constraint, column_norms, variant):
-    project = variant(functools.partial(jaxembed.apply_constraint,
-                                        embeddings_constraint=constraint))
+    project = variant(
+        functools.partial(jaxembed.apply_constraint, embeddings_constraint=constraint)
+    )
     out = project({"embeddings": TABLE})["embeddings"]
     np.testing.assert_allclose(jnp.linalg.norm(out, axis=0), column_norms, rtol=1e-5)
 
@@ -91,8 +92,9 @@ class TestKeepEmbeddingsConstrained:
         class Model(nn.Module):
             @nn.compact
             def __call__(self, ids):
-                x = jaxembed.Embedding(5, 2, embeddings_initializer="ones", out_of_range="clip",
-                                       name="tokens")(ids)
+                x = jaxembed.Embedding(
+                    5, 2, embeddings_initializer="ones", out_of_range="clip", name="tokens"
+                )(ids)
                 return nn.Dense(1)(x)
 
         variables = Model().init(jax.random.key(0), jnp.array([1]))

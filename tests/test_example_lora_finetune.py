@@ -1,6 +1,5 @@
 """examples/lora_finetune.py runs end to end (tiny sizes, in-process) and its claims hold."""
 
-
 import numpy as np
 import pytest
 

@@ -46,8 +46,9 @@ def run(example, tmp_path_factory):
 
 
 def leaves_by_path(tree):
-    return {jax.tree_util.keystr(path): leaf
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def test_pretraining_loss_goes_down(run):
@@ -116,6 +117,16 @@ def test_help_lists_the_flags(example, capsys):
         example.main(["--help"])
     assert exit_info.value.code == 0
     usage = capsys.readouterr().out
-    for flag in ("--steps-pretrain", "--steps-finetune", "--batch-size", "--seq-len",
-                 "--d-model", "--layers", "--lora-rank", "--lora-alpha", "--out", "--seed"):
+    for flag in (
+        "--steps-pretrain",
+        "--steps-finetune",
+        "--batch-size",
+        "--seq-len",
+        "--d-model",
+        "--layers",
+        "--lora-rank",
+        "--lora-alpha",
+        "--out",
+        "--seed",
+    ):
         assert flag in usage

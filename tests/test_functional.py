@@ -103,8 +103,11 @@ class TestInitErrors:
             jaxembed.init(KEY, 5, 3, weights=weights)
 
     def test_unknown_initializer_lists_names(self):
-        with pytest.raises(ValueError, match=r"Unknown `embeddings_initializer`: 'unifrom'.*"
-                           r"glorot_uniform"):
+        with pytest.raises(
+            ValueError,
+            match=r"Unknown `embeddings_initializer`: 'unifrom'.*"
+            r"glorot_uniform",
+        ):
             jaxembed.init(KEY, 5, 3, embeddings_initializer="unifrom")
 
     def test_non_callable_initializer(self):
@@ -163,8 +166,11 @@ class TestApply:
         np.testing.assert_array_equal(grads["embeddings"], expected)
 
     @given(
-        ids=hnp.arrays(np.int32, hnp.array_shapes(min_dims=0, max_dims=3, max_side=4),
-                       elements=st.integers(0, 6)),
+        ids=hnp.arrays(
+            np.int32,
+            hnp.array_shapes(min_dims=0, max_dims=3, max_side=4),
+            elements=st.integers(0, 6),
+        ),
     )
     @settings(max_examples=30, deadline=None)
     def test_property_equals_numpy_indexing(self, ids):
@@ -225,14 +231,18 @@ class TestOutOfRange:
 
     def test_unknown_policy(self):
         params, _ = small_params()
-        with pytest.raises(ValueError, match=r"`out_of_range` must be one of \['error', 'fill',"
-                           r" 'clip'\]. Received: out_of_range='wrap'"):
+        with pytest.raises(
+            ValueError,
+            match=r"`out_of_range` must be one of \['error', 'fill',"
+            r" 'clip'\]. Received: out_of_range='wrap'",
+        ):
             jaxembed.apply(params, jnp.array([1]), out_of_range="wrap")
 
 
 class TestApplyErrors:
-    @pytest.mark.parametrize("ids", [jnp.array([1.7]), np.array([1.0]), [0.5], 1.5,
-                                     jnp.array([True])])
+    @pytest.mark.parametrize(
+        "ids", [jnp.array([1.7]), np.array([1.0]), [0.5], 1.5, jnp.array([True])]
+    )
     def test_non_integer_ids_refused(self, ids):
         params, _ = small_params()
         with pytest.raises(TypeError, match="`ids` must hold integers.*Received: ids of dtype"):
@@ -286,8 +296,7 @@ class TestAttend:
 
         params, table = small_params()
         query = jnp.ones((4, 3))
-        flax_logits = nn.Embed(7, 3).apply({"params": {"embedding": table}}, query,
-                                           method="attend")
+        flax_logits = nn.Embed(7, 3).apply({"params": {"embedding": table}}, query, method="attend")
         np.testing.assert_allclose(jaxembed.attend(params, query), flax_logits, rtol=1e-6)
 
     def test_bad_query(self):

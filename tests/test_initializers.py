@@ -19,13 +19,19 @@ def test_every_name_draws_the_requested_shape_and_dtype(name):
     assert bool(jnp.isfinite(table).all())
 
 
-@pytest.mark.parametrize(("camel", "snake"), [("RandomUniform", "random_uniform"),
-                                              ("GlorotNormal", "glorot_normal"),
-                                              ("HeUniform", "he_uniform"),
-                                              ("Zeros", "zeros")])
+@pytest.mark.parametrize(
+    ("camel", "snake"),
+    [
+        ("RandomUniform", "random_uniform"),
+        ("GlorotNormal", "glorot_normal"),
+        ("HeUniform", "he_uniform"),
+        ("Zeros", "zeros"),
+    ],
+)
 def test_camel_case_class_names(camel, snake):
-    np.testing.assert_array_equal(initializers.get(camel)(KEY, (4, 3)),
-                                  initializers.get(snake)(KEY, (4, 3)))
+    np.testing.assert_array_equal(
+        initializers.get(camel)(KEY, (4, 3)), initializers.get(snake)(KEY, (4, 3))
+    )
 
 
 def test_configured_factories():

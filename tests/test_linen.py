@@ -34,7 +34,8 @@ def test_param_layout_and_partitioning():
     assert boxed.names == ("vocab", "embed")
     chex.assert_shape(boxed.value, (5, 3))
     assert nn.get_partition_spec(variables)["params"]["embeddings"] == jax.sharding.PartitionSpec(
-        "vocab", "embed")
+        "vocab", "embed"
+    )
 
 
 def test_same_as_functional(variant):
@@ -83,8 +84,9 @@ def test_mask_and_attend_methods():
     assert layer_off.apply(variables_off, IDS, method="compute_mask") is None
     query = jnp.ones((2, 3))
     table = nn.unbox(variables)["params"]["embeddings"]
-    np.testing.assert_allclose(layer.apply(variables, query, method="attend"), query @ table.T,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        layer.apply(variables, query, method="attend"), query @ table.T, rtol=1e-6
+    )
 
 
 def test_out_of_range_default_is_error():
@@ -112,8 +114,9 @@ def test_regularizer_sown_once_per_layer():
     model_vars = TwoCalls().init(KEY, IDS)
     _, state = TwoCalls().apply({"params": model_vars["params"]}, IDS, mutable=["losses"])
     inner_table = nn.unbox(model_vars)["params"]["Embedding_0"]["embeddings"]
-    np.testing.assert_allclose(jaxembed.linen.losses(state), 0.01 * jnp.sum(inner_table**2),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        jaxembed.linen.losses(state), 0.01 * jnp.sum(inner_table**2), rtol=1e-6
+    )
 
 
 def test_no_regularizer_sows_nothing():
@@ -124,8 +127,9 @@ def test_no_regularizer_sows_nothing():
 
 
 def test_training_loop_with_regularizer_and_constraint():
-    layer, variables = make(embeddings_regularizer="l2", embeddings_constraint="max_norm",
-                            embeddings_initializer="ones")
+    layer, variables = make(
+        embeddings_regularizer="l2", embeddings_constraint="max_norm", embeddings_initializer="ones"
+    )
     tx = optax.chain(optax.adam(0.1), jaxembed.keep_embeddings_constrained("max_norm"))
     params = variables["params"]
     targets = jnp.full((2, 3, 3), 5.0)

@@ -27,8 +27,9 @@ KERAS_CASE = {"embeddings": BASE, "lora_embeddings_a": A, "lora_embeddings_b": B
 
 def random_lora_params(input_dim=50, output_dim=6, rank=3, seed=0, dtype=jnp.float32):
     keys = jax.random.split(jax.random.key(seed), 3)
-    params = jaxembed.init(keys[0], input_dim, output_dim, param_dtype=dtype,
-                           embeddings_initializer="normal")
+    params = jaxembed.init(
+        keys[0], input_dim, output_dim, param_dtype=dtype, embeddings_initializer="normal"
+    )
     params = jaxembed.enable_lora(params, keys[1], rank)
     # B starts at zero; make it nonzero so the adapter matters.
     params["lora_embeddings_b"] = jax.random.normal(keys[2], (rank, output_dim))
@@ -44,7 +45,8 @@ def naive_table(params, lora_alpha=None):
 class TestKerasParity:
     def test_keras_reference_case(self, variant):
         out = variant(functools.partial(jaxembed.apply, lora_alpha=3.0, out_of_range="clip"))(
-            KERAS_CASE, jnp.arange(3))
+            KERAS_CASE, jnp.arange(3)
+        )
         np.testing.assert_allclose(out, BASE + 1.5 * A @ B, rtol=1e-6)
 
     def test_linen_module_with_weights_and_alpha(self):
@@ -53,8 +55,9 @@ class TestKerasParity:
         variables = nn.unbox(layer.init(KEY, jnp.arange(3)))
         np.testing.assert_array_equal(variables["params"]["embeddings"], BASE)
         variables["params"].update(lora_embeddings_a=A, lora_embeddings_b=B)
-        np.testing.assert_allclose(layer.apply(variables, jnp.arange(3)), BASE + 1.5 * A @ B,
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            layer.apply(variables, jnp.arange(3)), BASE + 1.5 * A @ B, rtol=1e-6
+        )
 
     @pytest.mark.parametrize("lora_alpha", [None, 3.0, 16])
     def test_equals_keras_layer(self, lora_alpha):
@@ -68,11 +71,16 @@ class TestKerasParity:
         ids = np.array([[0, 49, 7], [3, 3, 12]])
         np.testing.assert_allclose(
             jaxembed.apply(params, ids, lora_alpha=lora_alpha),
-            np.asarray(keras_layer(ids)), rtol=1e-5, atol=1e-6)
+            np.asarray(keras_layer(ids)),
+            rtol=1e-5,
+            atol=1e-6,
+        )
         # Keras regularizes the trainable weights only: A and B, not the frozen table.
         penalty = jaxembed.regularization_penalty(params, "l2")
-        expected = 0.01 * (np.sum(np.square(params["lora_embeddings_a"]))
-                           + np.sum(np.square(params["lora_embeddings_b"])))
+        expected = 0.01 * (
+            np.sum(np.square(params["lora_embeddings_a"]))
+            + np.sum(np.square(params["lora_embeddings_b"]))
+        )
         np.testing.assert_allclose(penalty, expected, rtol=1e-5)
 
     def test_keras_initial_adapter_statistics(self):
@@ -95,16 +103,20 @@ class TestKerasParity:
 
 
 class TestLookupAndAttend:
-    @given(ids=hnp.arrays(np.int32, hnp.array_shapes(min_dims=0, max_dims=3, max_side=5),
-                          elements=st.integers(0, 49)),
-           lora_alpha=st.one_of(st.none(), st.floats(0.5, 64.0)))
+    @given(
+        ids=hnp.arrays(
+            np.int32,
+            hnp.array_shapes(min_dims=0, max_dims=3, max_side=5),
+            elements=st.integers(0, 49),
+        ),
+        lora_alpha=st.one_of(st.none(), st.floats(0.5, 64.0)),
+    )
     @settings(max_examples=25, deadline=None)
     def test_property_apply_equals_naive_and_merged(self, ids, lora_alpha):
         params = random_lora_params()
         out = jaxembed.apply(params, ids, lora_alpha=lora_alpha)
         chex.assert_shape(out, (*ids.shape, 6))
-        np.testing.assert_allclose(out, naive_table(params, lora_alpha)[ids], rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(out, naive_table(params, lora_alpha)[ids], rtol=1e-5, atol=1e-5)
         merged = jaxembed.merge_lora(params, lora_alpha=lora_alpha)
         np.testing.assert_allclose(jaxembed.apply(merged, ids), out, rtol=1e-5, atol=1e-5)
 
@@ -116,23 +128,29 @@ class TestLookupAndAttend:
         target = jnp.ones((4, 5, 6))
 
         def gather_first(adapter):
-            out = jaxembed.apply({**params, **adapter}, ids, lora_alpha=lora_alpha,
-                                 out_of_range="clip")
+            out = jaxembed.apply(
+                {**params, **adapter}, ids, lora_alpha=lora_alpha, out_of_range="clip"
+            )
             return jnp.sum((out - target) ** 2)
 
         def naive(adapter):
             return jnp.sum((naive_table({**params, **adapter}, lora_alpha)[ids] - target) ** 2)
 
         adapter = {k: params[k] for k in lora.LORA_KEYS}
-        chex.assert_trees_all_close(jax.grad(gather_first)(adapter), jax.grad(naive)(adapter),
-                                    rtol=1e-4, atol=1e-5)
+        chex.assert_trees_all_close(
+            jax.grad(gather_first)(adapter), jax.grad(naive)(adapter), rtol=1e-4, atol=1e-5
+        )
 
     def test_out_of_range_policies_cover_the_adapter(self):
         params = random_lora_params()
-        assert bool(jnp.isnan(jaxembed.apply(params, jnp.array([-1, 50]),
-                                             out_of_range="fill")).all())
-        np.testing.assert_allclose(jaxembed.apply(params, jnp.array([60]), out_of_range="clip"),
-                                   naive_table(params)[jnp.array([49])], rtol=1e-5)
+        assert bool(
+            jnp.isnan(jaxembed.apply(params, jnp.array([-1, 50]), out_of_range="fill")).all()
+        )
+        np.testing.assert_allclose(
+            jaxembed.apply(params, jnp.array([60]), out_of_range="clip"),
+            naive_table(params)[jnp.array([49])],
+            rtol=1e-5,
+        )
         with pytest.raises(IndexError, match="got id 50"):
             jaxembed.apply(params, jnp.array([50]))
 
@@ -140,8 +158,7 @@ class TestLookupAndAttend:
         params = random_lora_params()
         query = jax.random.normal(KEY, (2, 3, 6))
         logits = variant(functools.partial(jaxembed.attend, lora_alpha=6.0))(params, query)
-        np.testing.assert_allclose(logits, query @ naive_table(params, 6.0).T, rtol=1e-4,
-                                   atol=1e-5)
+        np.testing.assert_allclose(logits, query @ naive_table(params, 6.0).T, rtol=1e-4, atol=1e-5)
 
     def test_bf16_output(self):
         params = random_lora_params(dtype=jnp.bfloat16)
@@ -173,7 +190,8 @@ class TestMergeUnmergeRemove:
         assert sorted(merged) == ["embeddings"]
         chex.assert_type(merged["embeddings"], jnp.bfloat16)
         expected = params["embeddings"].astype(jnp.float32) + (2.0 / 3) * (
-            params["lora_embeddings_a"] @ params["lora_embeddings_b"])
+            params["lora_embeddings_a"] @ params["lora_embeddings_b"]
+        )
         np.testing.assert_array_equal(merged["embeddings"], expected.astype(jnp.bfloat16))
 
     def test_merge_keeps_input_intact(self):
@@ -230,8 +248,11 @@ class TestErrors:
 
     def test_traced_lora_alpha_names_the_fix(self):
         params = random_lora_params()
-        apply = jax.jit(lambda p, alpha: jaxembed.apply(p, jnp.array([1]), lora_alpha=alpha,
-                                                        out_of_range="clip"))
+        apply = jax.jit(
+            lambda p, alpha: jaxembed.apply(
+                p, jnp.array([1]), lora_alpha=alpha, out_of_range="clip"
+            )
+        )
         with pytest.raises(ValueError, match="lora_alpha=a traced value.*static_argnames"):
             apply(params, 3.0)
 
@@ -279,8 +300,9 @@ class Model(nn.Module):
 
     @nn.compact
     def __call__(self, ids):
-        x = jaxembed.Embedding(512, 16, lora_rank=self.lora_rank, out_of_range="clip",
-                               name="tokens")(ids)
+        x = jaxembed.Embedding(
+            512, 16, lora_rank=self.lora_rank, out_of_range="clip", name="tokens"
+        )(ids)
         return nn.Dense(16)(x)
 
 
@@ -321,17 +343,22 @@ class TestTraining:
         trained, losses, *_ = train(params, tx, self.loss_fn, use_split=use_split)
         assert losses[-1] < losses[0]
         before, after = nn.unbox(params), nn.unbox(trained)
-        np.testing.assert_array_equal(after["tokens"]["embeddings"],
-                                      before["tokens"]["embeddings"])  # bit-identical
-        assert not np.array_equal(after["tokens"]["lora_embeddings_b"],
-                                  before["tokens"]["lora_embeddings_b"])
+        np.testing.assert_array_equal(
+            after["tokens"]["embeddings"], before["tokens"]["embeddings"]
+        )  # bit-identical
+        assert not np.array_equal(
+            after["tokens"]["lora_embeddings_b"], before["tokens"]["lora_embeddings_b"]
+        )
         assert not np.array_equal(after["Dense_0"]["kernel"], before["Dense_0"]["kernel"])
 
     def test_labels_for_a_whole_model(self):
         params = Model().init(KEY, self.ids)["params"]
         labels = nn.unbox(lora.trainable_labels(params))
-        assert labels["tokens"] == {"embeddings": "frozen", "lora_embeddings_a": "trainable",
-                                    "lora_embeddings_b": "trainable"}
+        assert labels["tokens"] == {
+            "embeddings": "frozen",
+            "lora_embeddings_a": "trainable",
+            "lora_embeddings_b": "trainable",
+        }
         assert set(jax.tree.leaves(labels["Dense_0"])) == {"trainable"}
         plain = Model(lora_rank=None).init(KEY, self.ids)["params"]
         assert set(jax.tree.leaves(lora.trainable_labels(plain))) == {"trainable"}
@@ -339,28 +366,38 @@ class TestTraining:
     def test_adapters_only(self):
         params = Model().init(KEY, self.ids)["params"]
         labels = nn.unbox(lora.trainable_labels(params, adapters_only=True))
-        assert labels["tokens"] == {"embeddings": "frozen", "lora_embeddings_a": "trainable",
-                                    "lora_embeddings_b": "trainable"}
+        assert labels["tokens"] == {
+            "embeddings": "frozen",
+            "lora_embeddings_a": "trainable",
+            "lora_embeddings_b": "trainable",
+        }
         assert set(jax.tree.leaves(labels["Dense_0"])) == {"frozen"}
         for use_split in (True, False):
-            tx = (optax.adam(1e-2) if use_split
-                  else jaxembed.freeze_lora_base(optax.adam(1e-2), adapters_only=True))
+            tx = (
+                optax.adam(1e-2)
+                if use_split
+                else jaxembed.freeze_lora_base(optax.adam(1e-2), adapters_only=True)
+            )
             if use_split:
                 trainable, _ = lora.split_trainable(params, adapters_only=True)
                 assert nn.unbox(trainable)["Dense_0"]["kernel"] is None
-            trained, losses, *_ = train(params, tx, self.loss_fn, use_split=use_split,
-                                        adapters_only=True)
+            trained, losses, *_ = train(
+                params, tx, self.loss_fn, use_split=use_split, adapters_only=True
+            )
             assert losses[-1] < losses[0]
             before, after = nn.unbox(params), nn.unbox(trained)
             np.testing.assert_array_equal(after["Dense_0"]["kernel"], before["Dense_0"]["kernel"])
-            np.testing.assert_array_equal(after["tokens"]["embeddings"],
-                                          before["tokens"]["embeddings"])
+            np.testing.assert_array_equal(
+                after["tokens"]["embeddings"], before["tokens"]["embeddings"]
+            )
 
     def test_no_optimizer_state_for_the_table(self):
         params = Model().init(KEY, self.ids)["params"]
         table_size = 512 * 16
-        for use_split, tx in [(True, optax.adam(1e-2)),
-                              (False, jaxembed.freeze_lora_base(optax.adam(1e-2)))]:
+        for use_split, tx in [
+            (True, optax.adam(1e-2)),
+            (False, jaxembed.freeze_lora_base(optax.adam(1e-2))),
+        ]:
             *_, opt_state, _ = train(params, tx, self.loss_fn, steps=1, use_split=use_split)
             sizes = [leaf.size for leaf in jax.tree.leaves(opt_state)]
             assert table_size not in sizes, (use_split, sizes)

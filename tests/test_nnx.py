@@ -24,8 +24,9 @@ def make(**kwargs):
 
 def with_adapter(layer, seed=1):
     """Gives the layer a nonzero B so LoRA changes outputs and gradients."""
-    layer.lora_embeddings_b[...] = jax.random.normal(jax.random.key(seed),
-                                                     layer.lora_embeddings_b.shape)
+    layer.lora_embeddings_b[...] = jax.random.normal(
+        jax.random.key(seed), layer.lora_embeddings_b.shape
+    )
     return layer
 
 
@@ -46,20 +47,24 @@ class TestSameNumbersEverywhere:
         ]
         for out in outputs[1:]:
             np.testing.assert_array_equal(out, outputs[0])
-        np.testing.assert_allclose(layer.attend(query),
-                                   jaxembed.attend(params, query, lora_alpha=layer.lora_alpha),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            layer.attend(query),
+            jaxembed.attend(params, query, lora_alpha=layer.lora_alpha),
+            rtol=1e-6,
+        )
 
         def functional_loss(p):
-            return jnp.sum(jaxembed.apply(p, IDS, out_of_range="clip",
-                                          lora_alpha=layer.lora_alpha) ** 2)
+            return jnp.sum(
+                jaxembed.apply(p, IDS, out_of_range="clip", lora_alpha=layer.lora_alpha) ** 2
+            )
 
         grads_functional = jax.grad(functional_loss)(params)
         grads_linen = jax.grad(lambda p: jnp.sum(module.apply({"params": p}, IDS) ** 2))(params)
         grads_nnx = nnx.grad(lambda m: jnp.sum(m(IDS) ** 2))(layer)
         chex.assert_trees_all_close(grads_linen, grads_functional)
         chex.assert_trees_all_close(
-            {name: grads_nnx[name][...] for name in grads_functional}, grads_functional)
+            {name: grads_nnx[name][...] for name in grads_functional}, grads_functional
+        )
 
     def test_jit_and_no_jit(self):
         layer = make()
@@ -117,30 +122,35 @@ class TestLoRA:
         base = np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], np.float32)
         a = np.array([[0.1, 0.1], [0.2, 0.2], [0.3, 0.3]], np.float32)
         b = np.array([[0.5, 0.5], [0.6, 0.6]], np.float32)
-        layer = jaxembed.nnx.Embedding(3, 2, weights=base, lora_rank=2, lora_alpha=3.0,
-                                       rngs=nnx.Rngs(0))
+        layer = jaxembed.nnx.Embedding(
+            3, 2, weights=base, lora_rank=2, lora_alpha=3.0, rngs=nnx.Rngs(0)
+        )
         layer.lora_embeddings_a[...] = a
         layer.lora_embeddings_b[...] = b
         np.testing.assert_allclose(layer(jnp.arange(3)), base + 1.5 * a @ b, rtol=1e-6)
 
     def test_grad_with_diffstate_touches_only_the_adapter(self):
         layer = with_adapter(make(lora_rank=2))
-        grads = nnx.grad(lambda m: jnp.sum(m(IDS) ** 2),
-                         argnums=nnx.DiffState(0, nnx.LoRAParam))(layer)
+        grads = nnx.grad(lambda m: jnp.sum(m(IDS) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(
+            layer
+        )
         assert sorted(grads.keys()) == ["lora_embeddings_a", "lora_embeddings_b"]
 
     def test_trainable_filter(self):
         layer = make(lora_rank=2)
         assert sorted(nnx.state(layer, jaxembed.nnx.trainable(layer)).keys()) == [
-            "lora_embeddings_a", "lora_embeddings_b"]
+            "lora_embeddings_a",
+            "lora_embeddings_b",
+        ]
         plain = make()
         assert sorted(nnx.state(plain, jaxembed.nnx.trainable(plain)).keys()) == ["embeddings"]
 
 
 class Model(nnx.Module):
     def __init__(self, lora_rank, rngs):
-        self.tokens = jaxembed.nnx.Embedding(64, 8, lora_rank=lora_rank, out_of_range="clip",
-                                             embeddings_regularizer="l2", rngs=rngs)
+        self.tokens = jaxembed.nnx.Embedding(
+            64, 8, lora_rank=lora_rank, out_of_range="clip", embeddings_regularizer="l2", rngs=rngs
+        )
         self.head = nnx.Linear(8, 8, rngs=rngs)
 
     def __call__(self, ids):
@@ -183,9 +193,14 @@ class TestTraining:
         assert 64 * 8 not in sizes  # no optimizer state shaped like the table
 
     def test_constraint_after_each_step(self):
-        model = jaxembed.nnx.Embedding(16, 4, embeddings_constraint="non_neg",
-                                       embeddings_initializer="ones", out_of_range="clip",
-                                       rngs=nnx.Rngs(0))
+        model = jaxembed.nnx.Embedding(
+            16,
+            4,
+            embeddings_constraint="non_neg",
+            embeddings_initializer="ones",
+            out_of_range="clip",
+            rngs=nnx.Rngs(0),
+        )
         tx = optax.chain(optax.sgd(1.0), jaxembed.keep_embeddings_constrained("non_neg"))
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -199,15 +214,17 @@ class TestTraining:
 
     def test_compiled_lora_step_has_no_vocab_by_dim_buffer(self):
         input_dim, output_dim = 8192, 256
-        model = jaxembed.nnx.Embedding(input_dim, output_dim, lora_rank=4, out_of_range="clip",
-                                       rngs=nnx.Rngs(0))
+        model = jaxembed.nnx.Embedding(
+            input_dim, output_dim, lora_rank=4, out_of_range="clip", rngs=nnx.Rngs(0)
+        )
         optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.LoRAParam)
         ids = jnp.arange(64)
 
         def step(graphdef, state):
             model, optimizer = nnx.merge(graphdef, state)
-            grads = nnx.grad(lambda m: jnp.mean(m(ids) ** 2),
-                             argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+            grads = nnx.grad(
+                lambda m: jnp.mean(m(ids) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam)
+            )(model)
             optimizer.update(model, grads)
             return nnx.state((model, optimizer), nnx.LoRAParam, nnx.OptState)
 
@@ -220,8 +237,14 @@ class TestConversion:
     @pytest.mark.parametrize("lora_rank", [None, 3])
     def test_linen_to_nnx_and_back(self, lora_rank):
         lora_alpha = 2.0 if lora_rank else None
-        module = jaxembed.Embedding(5, 3, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                                    out_of_range="clip", param_dtype=jnp.bfloat16)
+        module = jaxembed.Embedding(
+            5,
+            3,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            out_of_range="clip",
+            param_dtype=jnp.bfloat16,
+        )
         variables = module.init(jax.random.key(0), IDS)
         if lora_rank:
             variables = nn.unbox(variables)

@@ -30,8 +30,9 @@ PARAMS = {"embeddings": TABLE}
     ],
 )
 def test_penalty_values(regularizer, expected, variant):
-    penalty = variant(functools.partial(jaxembed.regularization_penalty,
-                                        embeddings_regularizer=regularizer))(PARAMS)
+    penalty = variant(
+        functools.partial(jaxembed.regularization_penalty, embeddings_regularizer=regularizer)
+    )(PARAMS)
     chex.assert_shape(penalty, ())
     np.testing.assert_allclose(penalty, expected, rtol=1e-6)
 
@@ -47,8 +48,7 @@ def test_orthogonal_regularizer_zero_for_orthogonal_rows():
     eye = {"embeddings": jnp.eye(3)}
     assert float(jaxembed.regularization_penalty(eye, "orthogonal_regularizer")) == 0.0
     same = {"embeddings": jnp.ones((3, 2))}
-    np.testing.assert_allclose(jaxembed.regularization_penalty(same, "orthogonal"), 0.01,
-                               rtol=1e-5)
+    np.testing.assert_allclose(jaxembed.regularization_penalty(same, "orthogonal"), 0.01, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -48,9 +48,11 @@ def reference_params(lora):
 
 
 def shard_params(params, mesh, layout):
-    specs = {"embeddings": TABLE_SPECS[layout],
-             "lora_embeddings_a": P(TABLE_SPECS[layout][0], None),
-             "lora_embeddings_b": P(None, TABLE_SPECS[layout][1])}
+    specs = {
+        "embeddings": TABLE_SPECS[layout],
+        "lora_embeddings_a": P(TABLE_SPECS[layout][0], None),
+        "lora_embeddings_b": P(None, TABLE_SPECS[layout][1]),
+    }
     return {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
 
 
@@ -117,8 +119,10 @@ def test_no_all_gather_of_the_table(shape, kind):
 
         return jax.grad(loss)(p)
 
-    for fn, args in [(step, (sharded, ids)),
-                     (functools.partial(jaxembed.attend), (sharded, query))]:
+    for fn, args in [
+        (step, (sharded, ids)),
+        (functools.partial(jaxembed.attend), (sharded, query)),
+    ]:
         text = jax.jit(fn).lower(*args).compile().as_text()
         gathered = all_gathered_shapes(text)
         assert f"f32[{V},{D}]" not in gathered, gathered
@@ -157,33 +161,45 @@ def test_vocab_parallel_shard_map_equals_unsharded(shape, kind, lora):
     sharded = shard_params(params, mesh, "vocab")
     all_ids = jnp.concatenate([IDS, jnp.array([[0] * 5 + [V - 1]] * 8)], axis=1)
     ids = jax.device_put(all_ids, NamedSharding(mesh, P("data", None)))
-    parallel = functools.partial(jaxembed.sharding.vocab_parallel_apply, mesh=mesh,
-                                 vocab_axis="model", batch_axes="data", out_of_range="clip",
-                                 lora_alpha=2.0)
+    parallel = functools.partial(
+        jaxembed.sharding.vocab_parallel_apply,
+        mesh=mesh,
+        vocab_axis="model",
+        batch_axes="data",
+        out_of_range="clip",
+        lora_alpha=2.0,
+    )
     reference = functools.partial(jaxembed.apply, out_of_range="clip", lora_alpha=2.0)
-    chex.assert_trees_all_close(jax.jit(parallel)(sharded, ids), reference(params, all_ids),
-                                rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+        jax.jit(parallel)(sharded, ids), reference(params, all_ids), rtol=1e-5, atol=1e-6
+    )
 
     def loss(apply, ids):
         return lambda p: jnp.sum(jnp.sin(apply(p, ids)))
 
-    chex.assert_trees_all_close(jax.jit(jax.grad(loss(parallel, ids)))(sharded),
-                                jax.grad(loss(reference, all_ids))(params), rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(
+        jax.jit(jax.grad(loss(parallel, ids)))(sharded),
+        jax.grad(loss(reference, all_ids))(params),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_vocab_parallel_policies_and_errors():
     mesh = make_mesh((2, 4), "explicit")
     params = reference_params(lora=False)
-    parallel = functools.partial(jaxembed.sharding.vocab_parallel_apply, mesh=mesh,
-                                 vocab_axis="model")
+    parallel = functools.partial(
+        jaxembed.sharding.vocab_parallel_apply, mesh=mesh, vocab_axis="model"
+    )
     bad = jnp.array([[-1, 3, V]])
     assert np.isnan(parallel(params, bad, out_of_range="fill")[0, [0, 2]]).all()
     with pytest.raises(IndexError, match="got id -1"):
         parallel(params, bad)
     # checkify's own error retrieval fails for shard_map on Explicit axes (inside JAX), so the
     # traced check is exercised on an Auto mesh.
-    auto = functools.partial(jaxembed.sharding.vocab_parallel_apply,
-                             mesh=make_mesh((2, 4), "auto"), vocab_axis="model")
+    auto = functools.partial(
+        jaxembed.sharding.vocab_parallel_apply, mesh=make_mesh((2, 4), "auto"), vocab_axis="model"
+    )
     error, _ = jax.jit(checkify.checkify(auto))(params, bad)
     with pytest.raises(checkify.JaxRuntimeError, match="got id -1"):
         error.throw()
@@ -206,8 +222,7 @@ def test_linen_sharded_init_places_params(layout, kind):
     # Linen's boxes assert their sharding inside a mesh context, an error on Explicit axes for
     # values still being created: init with out_shardings outside it, apply inside it.
     abstract = jax.eval_shape(model.init, jax.random.key(0), IDS)
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh,
-                                            RULES[layout])
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, RULES[layout])
     variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), IDS)
     params = nn.unbox(variables)["params"]
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES[layout]):
@@ -216,23 +231,24 @@ def test_linen_sharded_init_places_params(layout, kind):
     assert params["embeddings"].sharding == NamedSharding(mesh, expected)
     assert params["lora_embeddings_a"].sharding == NamedSharding(mesh, P(expected[0], None))
     assert params["lora_embeddings_b"].sharding == NamedSharding(mesh, P(None, expected[1]))
-    chex.assert_trees_all_close(out, jaxembed.apply(jax.device_get(params), IDS,
-                                                    out_of_range="clip"), rtol=1e-6)
+    chex.assert_trees_all_close(
+        out, jaxembed.apply(jax.device_get(params), IDS, out_of_range="clip"), rtol=1e-6
+    )
 
 
 @layouts
 def test_nnx_eager_sharding_under_a_mesh(layout):
     mesh = make_mesh((2, 4), "explicit")
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES[layout]):
-        layer = jaxembed.nnx.Embedding(V, D, lora_rank=RANK, out_of_range="clip",
-                                       rngs=nnx.Rngs(0))
+        layer = jaxembed.nnx.Embedding(V, D, lora_rank=RANK, out_of_range="clip", rngs=nnx.Rngs(0))
         ids = jax.device_put(IDS, NamedSharding(mesh, P("data", None)))
         out = nnx.jit(lambda m, i: m(i))(layer, ids)
     expected = TABLE_SPECS[layout]
     assert layer.embeddings[...].sharding == NamedSharding(mesh, expected)
     assert layer.lora_embeddings_a[...].sharding == NamedSharding(mesh, P(expected[0], None))
-    chex.assert_trees_all_close(out, jaxembed.apply(jax.device_get(layer.params()), IDS,
-                                                    out_of_range="clip"), rtol=1e-6)
+    chex.assert_trees_all_close(
+        out, jaxembed.apply(jax.device_get(layer.params()), IDS, out_of_range="clip"), rtol=1e-6
+    )
 
 
 @kinds
