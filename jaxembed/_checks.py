@@ -37,18 +37,25 @@ def positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def non_negative_float(name: str, value: Any) -> float:
-    """Returns `value` as a float if it is a finite number >= 0, else raises."""
+def _finite_number(name: str, value: Any, *, positive: bool) -> float:
+    """`value` as a float if it is a finite real number, > 0 or >= 0 as asked; else raises."""
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)
         or not np.isfinite(value)
         or value < 0
+        or (positive and value == 0)
     ):
+        expected = "positive" if positive else "non-negative"
         raise ValueError(
-            f"`{name}` must be a finite non-negative number. Received: {name}={_describe(value)}."
+            f"`{name}` must be a finite {expected} number. Received: {name}={_describe(value)}."
         )
     return float(value)
+
+
+def non_negative_float(name: str, value: Any) -> float:
+    """Returns `value` as a float if it is a finite number >= 0, else raises."""
+    return _finite_number(name, value, positive=False)
 
 
 def one_of(name: str, value: Any, choices: Iterable[Any]) -> Any:
@@ -173,11 +180,13 @@ def weights_matrix(weights: Any, input_dim: int, output_dim: int) -> Any:
             "`weights` must hold real numbers (integer or floating-point). "
             f"Received: weights of dtype {array.dtype}."
         )
-    if not is_traced(array) and not np.all(np.isfinite(np.asarray(array, dtype=np.float64))):
+    if not is_traced(array):
         count = int(np.size(array) - np.isfinite(np.asarray(array, dtype=np.float64)).sum())
-        raise ValueError(
-            f"`weights` must be finite. Received: weights with {count} NaN or infinite value(s)."
-        )
+        if count:
+            raise ValueError(
+                f"`weights` must be finite. Received: weights with {count} NaN or infinite "
+                "value(s)."
+            )
     return array
 
 
@@ -233,16 +242,7 @@ def floating_array(name: str, value: Any) -> jax.Array:
 
 def positive_number(name: str, value: Any) -> float:
     """Returns `value` as a float if it is a finite number > 0, else raises."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not np.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(
-            f"`{name}` must be a finite positive number. Received: {name}={_describe(value)}."
-        )
-    return float(value)
+    return _finite_number(name, value, positive=True)
 
 
 def embeddings_table(params: Any) -> jax.Array:
