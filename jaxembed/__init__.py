@@ -1,14 +1,33 @@
 """jaxembed: Keras 3's `Embedding` layer as pure JAX functions with thin Flax wrappers.
 
 The public API, re-exported; everything is defined in the modules named beside each group.
+Every submodule is an attribute of the package; `jaxembed.nnx` is imported on first access,
+because importing `flax.nnx` adds over 10% (about 0.1 s) to `import jaxembed`.
 """
 
-from jaxembed import constraints, functional, initializers, linen, lora, regularizers, sharding
-from jaxembed.constraints import apply_constraint, keep_embeddings_constrained
+import importlib as _importlib
+import types as _types
+import typing as _typing
+
+from jaxembed import (
+    constraints,
+    functional,
+    initializers,
+    linen,
+    lora,
+    optim,
+    regularizers,
+    sharding,
+)
+from jaxembed.constraints import apply_constraint
 from jaxembed.functional import apply, attend, check_in_range, compute_mask, init
 from jaxembed.linen import Embedding
-from jaxembed.lora import enable_lora, freeze_lora_base, merge_lora
+from jaxembed.lora import enable_lora, merge_lora
+from jaxembed.optim import freeze_lora_base, keep_embeddings_constrained
 from jaxembed.regularizers import regularization_penalty
+
+if _typing.TYPE_CHECKING:
+    from jaxembed import nnx
 
 __version__ = "0.1.0"
 
@@ -29,7 +48,22 @@ __all__ = [
     "linen",
     "lora",
     "merge_lora",
+    "nnx",
+    "optim",
     "regularization_penalty",
     "regularizers",
     "sharding",
 ]
+
+_LAZY_SUBMODULES = ("nnx",)
+
+
+def __getattr__(name: str) -> _types.ModuleType:
+    """Imports a lazy submodule on first access (PEP 562); the import then sets the attribute."""
+    if name in _LAZY_SUBMODULES:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxembed import _checks, constraints, functional, regularizers
-from jaxembed._checks import LORA_A, LORA_B
+from jaxembed import _checks, _out_of_range, constraints, functional, lora, regularizers
+from jaxembed._table import LORA_A, LORA_B
 
 VOCAB_AXIS = "vocab"
 EMBED_AXIS = "embed"
@@ -47,16 +47,16 @@ def check_arguments(
     param_dtype: Any,
 ) -> None:
     """Validates every argument of an Embedding layer at construction, as Keras does."""
-    functional.table_initializer(input_dim, output_dim, embeddings_initializer, weights)
+    functional.table_initializer(
+        input_dim, output_dim, embeddings_initializer, weights, param_dtype
+    )
     regularizers.get(embeddings_regularizer)
     has_constraint = constraints.get(embeddings_constraint) is not None
-    _checks.one_of("mask_zero", mask_zero, (True, False))
+    _checks.boolean("mask_zero", mask_zero)
     if lora_rank is not None:
-        _checks.positive_int("lora_rank", lora_rank)
+        lora.check_rank("lora_rank", lora_rank)
         if has_constraint:
-            raise _checks.no_lora_with_constraint("Embedding")
-    if lora_alpha is not None:
-        _checks.positive_number("lora_alpha", lora_alpha)
-    _checks.out_of_range_policy(out_of_range)
+            raise lora.refuse_constraint("Embedding")
+    lora.check_alpha(lora_alpha)
+    _out_of_range.policy(out_of_range)
     _checks.optional_floating_dtype("dtype", dtype)
-    _checks.floating_dtype("param_dtype", param_dtype)

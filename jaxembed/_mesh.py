@@ -46,8 +46,8 @@ def _unless_used(entry: SpecEntry, used: set[str]) -> SpecEntry:
 def gather_sharding(matrix: jax.Array, ids: jax.Array) -> NamedSharding | None:
     """Output sharding of `matrix[ids]` on an Explicit mesh; None on Auto meshes or one device.
 
-    The batch dimensions follow the ids' sharding and the feature dimension the matrix's
-    column sharding (unless the ids already use that mesh axis).
+    The batch dimensions follow the ids' sharding and the feature dimensions (none for a 1-D
+    per-row array such as a scale) the matrix's (unless the ids already use that mesh axis).
 
     Example:
         >>> import jax.numpy as jnp, jaxembed
@@ -58,8 +58,8 @@ def gather_sharding(matrix: jax.Array, ids: jax.Array) -> NamedSharding | None:
     if mesh is None:
         return None
     batch = _spec(ids)
-    column = _unless_used(_spec(matrix)[1], _axes(batch))
-    return NamedSharding(mesh, PartitionSpec(*batch, column))
+    features = (_unless_used(entry, _axes(batch)) for entry in _spec(matrix)[1:])
+    return NamedSharding(mesh, PartitionSpec(*batch, *features))
 
 
 class AttendShardings(NamedTuple):

@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from jaxembed._checks import LORA_A
+from jaxembed import _table
 
 KeyPath = tuple[Any, ...]
 
@@ -32,10 +32,11 @@ def param_name(path: KeyPath) -> str | None:
 
 
 def tables_beside_lora(tree: Any) -> set[tuple[str, ...]]:
-    """Name paths of every "embeddings" leaf that has a LoRA adapter beside it (frozen)."""
+    """Name paths of every table leaf that has a LoRA adapter beside it (frozen)."""
     named = {names(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+    table_keys = _table.table_keys()
     return {
         path
         for path in named
-        if path and path[-1] == "embeddings" and (*path[:-1], LORA_A) in named
+        if path and path[-1] in table_keys and (*path[:-1], _table.LORA_A) in named
     }

@@ -1,25 +1,24 @@
-"""Keras constraint names -> projections `matrix -> matrix`, and the optax transformation
-that enforces one after every optimizer step.
+"""Keras constraint names -> projections `matrix -> matrix`, and `apply_constraint`.
 
-Keras assigns `constraint(variable)` after each optimizer update. In optax terms that is a
-`GradientTransformation` placed last in the chain whose updates land the params on the
-constrained set, in the manner of `optax.keep_params_nonnegative`.
+Keras assigns `constraint(variable)` after each optimizer update; the optax transformation
+that does so in a training loop is `jaxembed.keep_embeddings_constrained` (`jaxembed.optim`).
 
 Example:
-    >>> import optax, jaxembed
-    >>> tx = optax.chain(optax.adam(1e-3), jaxembed.keep_embeddings_constrained("max_norm"))
+    >>> import jax.numpy as jnp, jaxembed
+    >>> unit = jaxembed.constraints.get("unit_norm")(jnp.array([[3.0], [4.0]]))
+    >>> [round(float(x), 4) for x in unit.ravel()]
+    [0.6, 0.8]
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from jaxembed import _checks, _paths
+from jaxembed import _checks, _registry, _table, lora
 
 Constraint: TypeAlias = Callable[[jax.Array], jax.Array]
 """`matrix -> projected matrix` of the same shape."""
@@ -31,7 +30,9 @@ _EPSILON = 1e-7
 
 
 def _column_norms(w: jax.Array, axis: int) -> jax.Array:
-    return jnp.sqrt(jnp.sum(jnp.square(w), axis=axis, keepdims=True))
+    # Summed in float32 at least: squares of a float16 table overflow long before its norms.
+    squares = jnp.square(w.astype(jnp.promote_types(w.dtype, jnp.float32)))
+    return jnp.sqrt(jnp.sum(squares, axis=axis, keepdims=True))
 
 
 def max_norm(max_value: float = 2.0, axis: int = 0) -> Constraint:
@@ -105,7 +106,22 @@ def get(identifier: Any) -> Constraint | None:
     """
     if identifier is None:
         return None
-    return _checks.resolve_identifier("embeddings_constraint", identifier, _FACTORIES, {})
+    return _registry.resolve("embeddings_constraint", identifier, _FACTORIES, {})
+
+
+def project(constraint: Constraint, matrix: jax.Array) -> jax.Array:
+    """`constraint(matrix)` in `matrix`'s dtype, refusing an output of another shape (a user
+    callable returning a transposed or broadcastable matrix would silently corrupt the table).
+    """
+    projected = _checks.as_array_or_none(constraint(matrix))
+    _checks.callable_output(
+        "embeddings_constraint",
+        constraint,
+        projected,
+        f"a matrix of the table's shape {tuple(matrix.shape)}",
+        projected is not None and projected.shape == matrix.shape,
+    )
+    return projected.astype(matrix.dtype)
 
 
 def apply_constraint(
@@ -121,6 +137,10 @@ def apply_constraint(
         A new params dict (the input is not modified) whose table is
         `constraint(params["embeddings"])`, cast back to the table's dtype.
 
+    Raises:
+        ValueError: params holding a LoRA adapter (the table is frozen), or a constraint
+            returning a matrix of another shape.
+
     Example:
         >>> import jax.numpy as jnp, jaxembed
         >>> params = {"embeddings": jnp.full((4, 1), 3.0)}  # column norm 6
@@ -128,74 +148,10 @@ def apply_constraint(
         >>> round(float(jnp.linalg.norm(projected["embeddings"])), 4)
         2.0
     """
-    table = _checks.embeddings_table(params)
+    table = _table.view(params)
     constraint = get(embeddings_constraint)
     if constraint is None:
         return dict(params)
-    if _checks.lora_weights(params) is not None:
-        raise _checks.no_lora_with_constraint("apply_constraint")
-    return {**params, "embeddings": jnp.asarray(constraint(table)).astype(table.dtype)}
-
-
-class KeepConstrainedState(NamedTuple):
-    """No state: the projection depends on the params alone."""
-
-
-def keep_embeddings_constrained(
-    embeddings_constraint: Any, *, param_name: str = "embeddings"
-) -> optax.GradientTransformation:
-    """An optax transformation that keeps every embeddings table on the constraint set.
-
-    Place it last in an `optax.chain`. For each leaf whose key is `param_name` (all jaxembed
-    tables in a Flax model, linen or NNX, boxed or not) the update becomes
-    `constraint(params + updates) - params`, so that `optax.apply_updates` lands on the
-    projected table, as Keras's post-step `variable.assign(constraint(variable))` does.
-    Other leaves pass through untouched.
-
-    Args:
-        embeddings_constraint: as accepted by `get` (not None).
-        param_name: the key that marks a table to constrain.
-
-    Returns:
-        An `optax.GradientTransformation` whose `update` requires `params`.
-
-    Example:
-        >>> import jax.numpy as jnp, optax, jaxembed
-        >>> params = {"embeddings": jnp.ones((4, 2))}
-        >>> tx = optax.chain(optax.sgd(1.0), jaxembed.keep_embeddings_constrained("non_neg"))
-        >>> grads = {"embeddings": jnp.full((4, 2), 3.0)}
-        >>> updates, _ = tx.update(grads, tx.init(params), params)
-        >>> optax.apply_updates(params, updates)["embeddings"].min().item()
-        0.0
-    """
-    constraint = get(embeddings_constraint)
-    if constraint is None:
-        raise ValueError(
-            "`embeddings_constraint` must name a constraint or be a callable. "
-            "Received: embeddings_constraint=None."
-        )
-
-    def init_fn(params: Any) -> KeepConstrainedState:
-        del params
-        return KeepConstrainedState()
-
-    def update_fn(
-        updates: Any, state: KeepConstrainedState, params: Any = None
-    ) -> tuple[Any, KeepConstrainedState]:
-        if params is None:
-            raise ValueError(
-                "keep_embeddings_constrained needs the current params: call "
-                "`tx.update(updates, state, params)`. Received: params=None."
-            )
-        if _paths.tables_beside_lora(params):
-            raise _checks.no_lora_with_constraint("keep_embeddings_constrained")
-
-        def project(path: tuple[Any, ...], update: jax.Array, param: jax.Array) -> jax.Array:
-            if _paths.param_name(path) != param_name:
-                return update
-            projected = jnp.asarray(constraint(param + update)).astype(param.dtype)
-            return (projected - param).astype(update.dtype)
-
-        return jax.tree_util.tree_map_with_path(project, updates, params), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    if table.adapter is not None:
+        raise lora.refuse_constraint("apply_constraint")
+    return _table.with_dense(params, table, project(constraint, table.dense()))

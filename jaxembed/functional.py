@@ -1,9 +1,10 @@
 """The embedding layer as pure functions on a params dict: init, apply, compute_mask, attend.
 
 Params are a plain dict: the `(input_dim, output_dim)` table under "embeddings" (LoRA adds
-"lora_embeddings_a" and "lora_embeddings_b" beside it). Hyperparameters (`dtype`,
-`out_of_range`, ...) are static Python values; only arrays are traced, so every function
-jit-compiles as is or with `functools.partial` over its keyword arguments.
+"lora_embeddings_a" and "lora_embeddings_b" beside it; `jaxembed._table` owns the layout).
+Hyperparameters (`dtype`, `out_of_range`, ...) are static Python values; only arrays are
+traced, so every function jit-compiles as is, defaults included, or with `functools.partial`
+over its keyword arguments.
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxembed
@@ -15,17 +16,22 @@ Example:
 
 from __future__ import annotations
 
-from typing import TypeAlias
-
 import jax
 import jax.numpy as jnp
-from jax.experimental import checkify
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _checks, _mesh, initializers
+from jaxembed import _checks, _mesh, _out_of_range, _table, initializers, lora
+from jaxembed._table import Params
 
-Params: TypeAlias = dict[str, jax.Array]
-"""{"embeddings": (input_dim, output_dim) table}, plus LoRA weights when enabled."""
+__all__ = [
+    "Params",
+    "apply",
+    "attend",
+    "check_in_range",
+    "compute_mask",
+    "init",
+    "table_initializer",
+]
 
 
 def table_initializer(
@@ -33,11 +39,14 @@ def table_initializer(
     output_dim: int,
     embeddings_initializer: initializers.InitializerLike = "uniform",
     weights: ArrayLike | None = None,
+    param_dtype: DTypeLike = jnp.float32,
 ) -> initializers.Initializer:
     """The `(key, shape, dtype) -> table` function that `init` and the Flax modules call.
 
-    With `weights` it ignores the key and returns a validated copy of `weights` cast to dtype;
-    otherwise it draws from `embeddings_initializer`. Arguments are validated here, once.
+    With `weights` it ignores the key and returns the weights cast to dtype; otherwise it
+    draws from `embeddings_initializer`. Arguments are validated here, once, and `weights` is
+    copied here (in `param_dtype`, the dtype it will be asked for), so later changes to the
+    caller's matrix change nothing.
 
     Example:
         >>> import jax, jaxembed
@@ -48,13 +57,14 @@ def table_initializer(
     input_dim = _checks.positive_int("input_dim", input_dim)
     output_dim = _checks.positive_int("output_dim", output_dim)
     draw = initializers.get(embeddings_initializer)
+    param_dtype = _checks.floating_dtype("param_dtype", param_dtype)
     if weights is not None:
-        weights = _checks.weights_matrix(weights, input_dim, output_dim)
+        weights = _table.validated_weights(weights, input_dim, output_dim, param_dtype)
 
     def init_fn(key: jax.Array | None, shape: tuple[int, ...], dtype: DTypeLike) -> jax.Array:
         dtype = _checks.floating_dtype("param_dtype", dtype)
         if weights is not None:
-            return jnp.array(weights, dtype=dtype)  # a copy: the caller's matrix stays intact
+            return jnp.asarray(_table.validated_weights(weights, *shape, dtype))
         if key is None:
             raise ValueError(
                 "`key` must be a JAX PRNG key (jax.random.key(seed)) unless `weights` is given. "
@@ -82,8 +92,9 @@ def init(
         output_dim: embedding dimension (positive int).
         embeddings_initializer: Keras name ("uniform" = U(-0.05, 0.05), "glorot_normal", ...)
             or a JAX initializer `(key, shape, dtype) -> array`.
-        weights: optional initial `(input_dim, output_dim)` matrix, any array-like of finite
-            real numbers (a Keras-style `[matrix]` list too); copied, never modified.
+        weights: optional initial `(input_dim, output_dim)` matrix, any array-like of real
+            numbers finite in `param_dtype` (a Keras-style `[matrix]` list too); copied,
+            never modified.
         param_dtype: storage dtype of the table.
 
     Returns:
@@ -91,87 +102,37 @@ def init(
 
     Raises:
         ValueError: for a non-positive or non-int dimension, an unknown initializer, or
-            `weights` of the wrong shape or with non-finite values.
+            `weights` of the wrong shape or with values that are not finite in `param_dtype`.
 
     Example:
         >>> import jax, jaxembed
         >>> jaxembed.init(jax.random.key(0), 1000, 64)["embeddings"].shape
         (1000, 64)
     """
-    init_fn = table_initializer(input_dim, output_dim, embeddings_initializer, weights)
-    return {"embeddings": init_fn(key, (input_dim, output_dim), param_dtype)}
+    init_fn = table_initializer(input_dim, output_dim, embeddings_initializer, weights, param_dtype)
+    return {_table.EMBEDDINGS: init_fn(key, (input_dim, output_dim), param_dtype)}
 
 
 def check_in_range(ids: ArrayLike, input_dim: int) -> None:
-    """Raises `IndexError` for an id outside [0, input_dim): at once for concrete ids, and
-    through `checkify` for traced ones (the jitted function must then be checkified).
+    """Raises `IndexError` for an id outside [0, input_dim): at once for concrete ids; for
+    traced ids through `checkify` when the function is checkified, and not at all under plain
+    `jax.jit` (where `apply`'s default then gives NaN rows).
 
-    Useful to check a dataset once, eagerly, before a jitted loop that looks up with
-    `out_of_range="clip"`.
+    Useful to check a dataset once, eagerly, before a jitted loop.
 
     Args:
-        ids: integer array of any shape.
+        ids: integer array of any shape (64-bit and unsigned ids are compared exactly).
         input_dim: the vocabulary size.
 
     Example:
         >>> import jax.numpy as jnp, jaxembed
         >>> jaxembed.check_in_range(jnp.array([0, 3]), 4)  # passes silently
+        >>> jaxembed.check_in_range(jnp.array([0, 4]), 4)
+        Traceback (most recent call last):
+        ...
+        IndexError: `ids` must lie in [0, input_dim) = [0, 4); got id 4. ...
     """
-    ids = _checks.integer_ids(ids)
-    input_dim = _checks.positive_int("input_dim", input_dim)
-    if not _checks.is_traced(ids):
-        bad_id = _checks.first_out_of_range(ids, input_dim)
-        if bad_id is not None:
-            raise IndexError(_checks.out_of_range_message(input_dim, bad_id))
-        return
-    valid = (ids >= 0) & (ids < input_dim)
-    # A reduction rather than indexing at argmin: it also compiles for ids sharded over an
-    # Explicit mesh. It names the smallest offending id.
-    smallest_bad = jnp.min(jnp.where(valid, jnp.iinfo(ids.dtype).max, ids))
-    # Under plain jax.jit this check fails at compile time with JAX's "Cannot abstractly
-    # evaluate a checkify.check which was not functionalized": the user must checkify the
-    # jitted function or pick another policy (README, "Out-of-range ids").
-    checkify.check(
-        jnp.all(valid),
-        _checks.out_of_range_message(input_dim, "{bad_id}"),
-        bad_id=smallest_bad,
-    )
-
-
-def prepare_ids(ids: jax.Array, input_dim: int, out_of_range: str) -> tuple[jax.Array, str]:
-    """Applies the out-of-range policy to validated integer ids, once for every gathered matrix.
-
-    Returns the ids to gather with and the gather mode: "fill" keeps the ids and gathers with
-    NaN fill (negative ids included: plain `jnp.take` would wrap -1 to the last row); "clip"
-    clamps; "error" checks, then clamps so that the gather never reads out of bounds.
-    """
-    if out_of_range == "fill":
-        return ids, "fill"
-    if out_of_range == "error":
-        check_in_range(ids, input_dim)
-    return jnp.clip(ids, 0, input_dim - 1), "promise_in_bounds"
-
-
-def take_rows(matrix: jax.Array, ids: jax.Array, mode: str) -> jax.Array:
-    """`matrix[ids]` with ids and mode from `prepare_ids`: shape `ids.shape + matrix.shape[1:]`.
-
-    On an Explicit mesh the output sharding is derived from the operands (the batch follows
-    the ids, the features the matrix's columns); plain `jnp.take` would be refused there.
-    """
-    fill_value = jnp.nan if mode == "fill" else None
-    return matrix.at[ids].get(
-        mode=mode,
-        fill_value=fill_value,
-        wrap_negative_indices=False,
-        out_sharding=_mesh.gather_sharding(matrix, ids),
-    )
-
-
-def lora_scale(rank: int, lora_alpha: float | None) -> float:
-    """`lora_alpha / rank`, with alpha defaulting to the rank (a scale of 1), as Keras."""
-    if lora_alpha is None:
-        return 1.0
-    return _checks.positive_number("lora_alpha", lora_alpha) / rank
+    _out_of_range.check(ids, _checks.positive_int("input_dim", input_dim))
 
 
 def apply(
@@ -188,14 +149,17 @@ def apply(
     gathered first, so the `(input_dim, output_dim)` delta `A @ B` is never built. The sum is
     computed in at least float32 (A and B are float32), then cast to `dtype`.
 
+    Out-of-range ids under the default "error": an `IndexError` in eager code; under
+    `jax.jit` it compiles as is and gives NaN rows (checkify the function for the error).
+
     Args:
         params: from `init` (and `enable_lora`).
         ids: integer array of any shape, a scalar included; floats and bools are refused.
         dtype: output dtype (e.g. jnp.bfloat16 from float32 params); None keeps the table's.
         out_of_range: what ids outside [0, input_dim) give:
-            "error" (default): an `IndexError` naming the id, at once for concrete ids; under
-            `jax.jit` the function must be wrapped in `jax.experimental.checkify.checkify`.
-            "fill": NaN rows. "clip": the nearest valid row.
+            "error" (default): an `IndexError` naming the id for concrete ids; for traced ids
+            the same error through `jax.experimental.checkify.checkify`, and NaN rows under
+            plain `jax.jit`, `vmap`, `scan`... "fill": NaN rows. "clip": the nearest valid row.
         lora_alpha: LoRA scale numerator; None means the rank (read from A's shape).
 
     Returns:
@@ -211,22 +175,18 @@ def apply(
         (2, 1, 3)
         >>> bool(jnp.isnan(jaxembed.apply(params, -1, out_of_range="fill")).all())
         True
+        >>> bool(jnp.isnan(jax.jit(jaxembed.apply)(params, jnp.array([10]))).all())
+        True
     """
-    table = _checks.embeddings_table(params)
-    adapter = _checks.lora_weights(params)
-    ids = _checks.integer_ids(ids)
-    out_of_range = _checks.out_of_range_policy(out_of_range)
+    table = _table.view(params)
     dtype = _checks.optional_floating_dtype("dtype", dtype) or table.dtype
-    ids, mode = prepare_ids(ids, table.shape[0], out_of_range)
-    rows = take_rows(table, ids, mode)
-    if adapter is None:
-        return rows.astype(dtype)
-    a, b = adapter
-    scale = lora_scale(a.shape[1], lora_alpha)
-    delta = jnp.einsum(
-        "...r,rd->...d", take_rows(a, ids, mode), b, out_sharding=_mesh.gather_sharding(table, ids)
-    )
-    return (rows.astype(delta.dtype) + scale * delta).astype(dtype)
+    lora.check_alpha(lora_alpha)
+    indices = _out_of_range.prepare(ids, table.input_dim, out_of_range)
+    rows = table.gather(indices)
+    if table.adapter is not None:
+        sharding = _table.out_sharding(table, indices)
+        rows = lora.add_to_rows(rows, table.adapter, indices, lora_alpha, sharding)
+    return rows.astype(dtype)
 
 
 def compute_mask(ids: ArrayLike, mask_zero: bool) -> jax.Array | None:
@@ -244,9 +204,10 @@ def compute_mask(ids: ArrayLike, mask_zero: bool) -> jax.Array | None:
         >>> jaxembed.compute_mask(jnp.array([[3, 0]]), mask_zero=True).tolist()
         [[True, False]]
     """
-    _checks.one_of("mask_zero", mask_zero, (True, False))
+    _checks.boolean("mask_zero", mask_zero)
     ids = _checks.integer_ids(ids)
-    return jnp.not_equal(ids, 0) if mask_zero else None
+    # Compared before any conversion: a NumPy int64 id 2**32 is not padding.
+    return jnp.asarray(ids != 0) if mask_zero else None
 
 
 def attend(
@@ -276,32 +237,16 @@ def attend(
         >>> jaxembed.attend(params, jnp.ones((2, 5, 64))).shape
         (2, 5, 1000)
     """
-    table = _checks.embeddings_table(params)
-    adapter = _checks.lora_weights(params)
+    table = _table.view(params)
     query = _checks.floating_array("query", query)
-    _checks.last_dim("query", query, table.shape[1], "output_dim")
-    dtype = _checks.optional_floating_dtype("dtype", dtype) or jnp.result_type(query, table)
+    _checks.last_dim("query", query, table.output_dim, "output_dim")
+    dtype = _checks.optional_floating_dtype("dtype", dtype) or jnp.result_type(query, table.dtype)
+    lora.check_alpha(lora_alpha)
     query = query.astype(dtype)
-    shardings = _mesh.attend_shardings(query, table)
+    shardings = _mesh.attend_shardings(query, table.leading)
     if shardings is not None:
         query = jax.sharding.reshard(query, shardings.query)
-        if shardings.table is not None:
-            table = jax.sharding.reshard(table, shardings.table)
-    logits = jnp.einsum(
-        "...d,vd->...v",
-        query,
-        table.astype(dtype),
-        out_sharding=shardings and shardings.logits,
-    )
-    if adapter is None:
+    logits = table.contract(query, shardings)
+    if table.adapter is None:
         return logits
-    a, b = adapter
-    scale = lora_scale(a.shape[1], lora_alpha)
-    if shardings is not None:
-        a = jax.sharding.reshard(a, shardings.lora_a)
-    low_rank = jnp.einsum(
-        "...d,rd->...r", query, b.astype(dtype), out_sharding=shardings and shardings.low_rank
-    )
-    return logits + scale * jnp.einsum(
-        "...r,vr->...v", low_rank, a.astype(dtype), out_sharding=shardings and shardings.logits
-    )
+    return lora.add_to_logits(logits, query, table.adapter, lora_alpha, shardings)

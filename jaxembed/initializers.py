@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from jaxembed import _checks
+from jaxembed import _checks, _registry
 
 Initializer: TypeAlias = Callable[..., jax.Array]
 """`(key, shape, dtype) -> array`, the signature of `jax.nn.initializers`."""
@@ -204,4 +204,4 @@ def get(identifier: Any) -> Initializer:
         >>> float(abs(init(jax.random.key(0), (4, 3))).max()) <= 0.05
         True
     """
-    return _checks.resolve_identifier("embeddings_initializer", identifier, _FACTORIES, _ALIASES)
+    return _registry.resolve("embeddings_initializer", identifier, _FACTORIES, _ALIASES)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _layer, constraints, functional, initializers, lora, regularizers
+from jaxembed import _layer, _table, constraints, functional, initializers, lora, regularizers
 
 
 class Embedding(nn.Module):
@@ -38,7 +38,9 @@ class Embedding(nn.Module):
         lora_rank: if set, the table is frozen and a LoRA adapter of this rank is trained
             (params "lora_embeddings_a" and "lora_embeddings_b", float32).
         lora_alpha: LoRA scale numerator (`lora_alpha / lora_rank`); None means lora_rank.
-        out_of_range: "error" (default), "fill" (NaN rows) or "clip"; see `jaxembed.apply`.
+        out_of_range: "error" (default: `IndexError` in eager code; NaN rows under plain
+            `jax.jit`, the error under `checkify`), "fill" (NaN rows) or "clip"; see
+            `jaxembed.apply`.
         dtype: output dtype; None keeps `param_dtype`.
         param_dtype: storage dtype of the table.
 
@@ -61,11 +63,22 @@ class Embedding(nn.Module):
     def __post_init__(self) -> None:
         # Fail at construction, as Keras does, not at first call.
         _layer.check_arguments(**{name: getattr(self, name) for name in _layer.ARGUMENTS})
+        if self.weights is not None:
+            # Keep a checked read-only copy, not the caller's array: mutating theirs later must
+            # not change the table, and flax's per-call clones then skip the check.
+            weights = _table.validated_weights(
+                self.weights, self.input_dim, self.output_dim, self.param_dtype
+            )
+            object.__setattr__(self, "weights", weights)
         super().__post_init__()
 
     def setup(self) -> None:
         init_fn = functional.table_initializer(
-            self.input_dim, self.output_dim, self.embeddings_initializer, self.weights
+            self.input_dim,
+            self.output_dim,
+            self.embeddings_initializer,
+            self.weights,
+            self.param_dtype,
         )
         self.embeddings = self.param(
             "embeddings",
@@ -82,13 +95,13 @@ class Embedding(nn.Module):
                     name,
                     nn.with_logical_partitioning(draws[name], _layer.LORA_AXES[name]),
                     shapes[name],
-                    lora.LORA_DTYPE,
+                    _table.LORA_DTYPE,
                 )
-                for name in lora.LORA_KEYS
+                for name in _table.LORA_KEYS
             }
 
     def _params(self) -> functional.Params:
-        return {"embeddings": self.embeddings, **self.adapter}
+        return {_table.EMBEDDINGS: self.embeddings, **self.adapter}
 
     def __call__(self, ids: ArrayLike) -> jax.Array:
         """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)`."""

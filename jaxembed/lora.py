@@ -21,21 +21,103 @@ Training only the adapter, with no gradient or optimizer state for the table:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.experimental import checkify
 
-from jaxembed import _checks, _paths, initializers
-from jaxembed._checks import LORA_A, LORA_B
-from jaxembed.functional import Params, lora_scale
+from jaxembed import _checks, _paths, _table, initializers
+from jaxembed._out_of_range import Indices
+from jaxembed._table import LORA_A, LORA_B, LORA_DTYPE, LORA_KEYS, Adapter, Params
 
-LORA_KEYS = (LORA_A, LORA_B)
+__all__ = [
+    "adapter_initializers",
+    "adapter_shapes",
+    "combine",
+    "enable_lora",
+    "has_lora",
+    "init_lora",
+    "merge_lora",
+    "remove_lora",
+    "split_trainable",
+    "trainable_labels",
+    "unmerge_lora",
+]
+
 TRAINABLE = "trainable"
 FROZEN = "frozen"
+
+
+def check_rank(name: str, rank: Any) -> int:
+    """Returns `rank` if it is a positive int, else raises naming `name`."""
+    return _checks.positive_int(name, rank)
+
+
+def check_alpha(lora_alpha: Any) -> float | None:
+    """Returns `lora_alpha` (None, or a finite positive number), else raises."""
+    return None if lora_alpha is None else _checks.positive_number("lora_alpha", lora_alpha)
+
+
+def scale(rank: int, lora_alpha: float | None) -> float:
+    """`lora_alpha / rank`, with alpha defaulting to the rank (a scale of 1), as Keras."""
+    lora_alpha = check_alpha(lora_alpha)
+    return 1.0 if lora_alpha is None else lora_alpha / rank
+
+
+def refuse_constraint(function: str) -> ValueError:
+    """Keras refuses LoRA together with an embeddings constraint; so do we."""
+    return ValueError(
+        f"{function}: LoRA is incompatible with embedding constraints (as in Keras): the table "
+        "is frozen under LoRA. Remove the `embeddings_constraint`, or merge the adapter first."
+    )
+
+
+def add_delta(
+    rows: jax.Array, a_rows: jax.Array, b: jax.Array, lora_alpha: float | None, sharding: Any = None
+) -> jax.Array:
+    """`rows + (lora_alpha / rank) * a_rows @ B` in at least float32, for gathered rows of A."""
+    delta = jnp.einsum("...r,rd->...d", a_rows, b, out_sharding=sharding)
+    return rows.astype(delta.dtype) + scale(b.shape[0], lora_alpha) * delta
+
+
+def add_to_rows(
+    rows: jax.Array,
+    adapter: Adapter,
+    indices: Indices,
+    lora_alpha: float | None,
+    sharding: Any = None,
+) -> jax.Array:
+    """`rows + (lora_alpha / rank) * A[ids] @ B` in at least float32.
+
+    The rows of A are gathered first, so the `(input_dim, output_dim)` delta `A @ B` is never
+    built: the step costs `O(len(ids) * rank * output_dim)` whatever the vocabulary.
+    """
+    return add_delta(rows, _table.take_rows(adapter.a, indices), adapter.b, lora_alpha, sharding)
+
+
+def add_to_logits(
+    logits: jax.Array,
+    query: jax.Array,
+    adapter: Adapter,
+    lora_alpha: float | None,
+    shardings: Any = None,
+) -> jax.Array:
+    """`logits + (lora_alpha / rank) * (query @ B.T) @ A.T`: two thin matmuls instead of
+    building `E + scale * A @ B`. `shardings` from `_mesh.attend_shardings` (or None)."""
+    a = adapter.a
+    if shardings is not None:
+        a = jax.sharding.reshard(a, shardings.lora_a)
+    dtype = query.dtype
+    low_rank = jnp.einsum(
+        "...d,rd->...r",
+        query,
+        adapter.b.astype(dtype),
+        out_sharding=shardings and shardings.low_rank,
+    )
+    return logits + scale(adapter.rank, lora_alpha) * jnp.einsum(
+        "...r,vr->...v", low_rank, a.astype(dtype), out_sharding=shardings and shardings.logits
+    )
 
 
 def has_lora(params: Params) -> bool:
@@ -46,11 +128,7 @@ def has_lora(params: Params) -> bool:
         >>> jaxembed.lora.has_lora(jaxembed.init(jax.random.key(0), 10, 4))
         False
     """
-    return _checks.lora_weights(params) is not None
-
-
-LORA_DTYPE = jnp.float32
-"""Adapter storage dtype whatever the table's (as Keras: avoids under/overflow in training)."""
+    return _table.view(params).adapter is not None
 
 
 def adapter_shapes(input_dim: int, output_dim: int, rank: int) -> dict[str, tuple[int, int]]:
@@ -63,7 +141,7 @@ def adapter_shapes(input_dim: int, output_dim: int, rank: int) -> dict[str, tupl
     """
     input_dim = _checks.positive_int("input_dim", input_dim)
     output_dim = _checks.positive_int("output_dim", output_dim)
-    rank = _checks.positive_int("rank", rank)
+    rank = check_rank("rank", rank)
     return {LORA_A: (input_dim, rank), LORA_B: (rank, output_dim)}
 
 
@@ -137,19 +215,18 @@ def enable_lora(
         >>> sorted(jaxembed.enable_lora(params, jax.random.key(1), rank=4))
         ['embeddings', 'lora_embeddings_a', 'lora_embeddings_b']
     """
-    table = _checks.embeddings_table(params)
-    rank = _checks.positive_int("rank", rank)
-    if has_lora(params):
+    table = _table.view(params)
+    rank = check_rank("rank", rank)
+    if table.adapter is not None:
         raise ValueError(
-            "LoRA is already enabled: params hold an adapter of rank "
-            f"{params[LORA_A].shape[1]}. Merge it (merge_lora) or remove it (remove_lora) "
-            f"before enabling another. Received: rank={rank}."
+            f"LoRA is already enabled: params hold an adapter of rank {table.adapter.rank}. "
+            "Merge it (merge_lora) or remove it (remove_lora) before enabling another. "
+            f"Received: rank={rank}."
         )
-    input_dim, output_dim = table.shape
     adapter = init_lora(
         key,
-        input_dim,
-        output_dim,
+        table.input_dim,
+        table.output_dim,
         rank,
         a_initializer=a_initializer,
         b_initializer=b_initializer,
@@ -157,25 +234,25 @@ def enable_lora(
     return {**params, **adapter}
 
 
-def _adapter(params: Params, function: str) -> tuple[jax.Array, jax.Array]:
-    adapter = _checks.lora_weights(params)
-    if adapter is None:
+def _adapter(table: _table.Table, params: Params, function: str) -> Adapter:
+    if table.adapter is None:
         raise ValueError(
             f"{function} needs params holding a LoRA adapter ({LORA_A!r}, {LORA_B!r}). "
             f"Received: params with keys {sorted(params)}."
         )
-    return adapter
+    return table.adapter
 
 
-def _delta(a: jax.Array, b: jax.Array, lora_alpha: float | None) -> jax.Array:
+def dense_delta(adapter: Adapter, lora_alpha: float | None) -> jax.Array:
     """The full `(input_dim, output_dim)` float32 delta: built only when merging, never in a
     training or inference step."""
-    scale = lora_scale(a.shape[1], lora_alpha)
     # Merging happens once: full float32 precision, not TF32 / bf16 passes on GPU and TPU.
     product = jnp.matmul(
-        a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        adapter.a.astype(jnp.float32),
+        adapter.b.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
     )
-    return scale * product
+    return scale(adapter.rank, lora_alpha) * product
 
 
 def merge_lora(
@@ -188,8 +265,10 @@ def merge_lora(
     Args:
         params: params holding an adapter.
         lora_alpha: the alpha used in training; None means the rank.
-        safe_merge: refuse a merged table with NaN or infinite values (as peft's
-            `safe_merge`): a `ValueError` for concrete params, a `checkify` error under jit.
+        safe_merge: refuse a merged table with NaN or infinite values once cast back to the
+            table's dtype (as peft's `safe_merge`, and stricter: a sum finite in float32 can
+            overflow a float16 table): a `ValueError` for concrete params, a `checkify` error
+            under jit.
 
     Returns:
         `{"embeddings": merged table}` plus any other entries of params, without the adapter.
@@ -203,14 +282,14 @@ def merge_lora(
         >>> bool(jnp.allclose(jaxembed.apply(merged, ids), jaxembed.apply(params, ids)))
         True
     """
-    table = _checks.embeddings_table(params)
-    a, b = _adapter(params, "merge_lora")
-    _checks.one_of("safe_merge", safe_merge, (True, False))
-    merged = table.astype(jnp.float32) + _delta(a, b, lora_alpha)
+    table = _table.view(params)
+    adapter = _adapter(table, params, "merge_lora")
+    _checks.boolean("safe_merge", safe_merge)
+    merged = table.dense().astype(jnp.float32) + dense_delta(adapter, lora_alpha)
+    merged = _table.with_dense(_table.without_adapter(params), table, merged)
     if safe_merge:
-        _check_finite_merge(merged)
-    rest = {key: value for key, value in params.items() if key not in LORA_KEYS}
-    return {**rest, "embeddings": merged.astype(table.dtype)}
+        _check_finite_merge(merged[_table.EMBEDDINGS])
+    return merged
 
 
 def _check_finite_merge(merged: jax.Array) -> None:
@@ -219,7 +298,10 @@ def _check_finite_merge(merged: jax.Array) -> None:
     if _checks.is_traced(merged):
         checkify.check(count == 0, message, count=count)
     elif int(count):
-        raise ValueError(message.format(count=int(count)))
+        raise ValueError(
+            message.format(count=int(count))
+            + f" (in the table's dtype {merged.dtype}; values beyond its range overflow)"
+        )
 
 
 def unmerge_lora(params: Params, adapter: Params, *, lora_alpha: float | None = None) -> Params:
@@ -242,15 +324,16 @@ def unmerge_lora(params: Params, adapter: Params, *, lora_alpha: float | None = 
         >>> bool(jnp.allclose(restored["embeddings"], base["embeddings"], atol=1e-6))
         True
     """
-    table = _checks.embeddings_table(params)
-    if has_lora(params):
+    if _table.view(params).adapter is not None:
         raise ValueError(
             "unmerge_lora needs merged params without an adapter; these still hold one. "
             f"Received: params with keys {sorted(params)}."
         )
-    a, b = _adapter({**params, **adapter}, "unmerge_lora")
-    unmerged = table.astype(jnp.float32) - _delta(a, b, lora_alpha)
-    return {**params, "embeddings": unmerged.astype(table.dtype), LORA_A: a, LORA_B: b}
+    with_adapter = {**params, **adapter}
+    table = _table.view(with_adapter)
+    delta = dense_delta(_adapter(table, with_adapter, "unmerge_lora"), lora_alpha)
+    unmerged = _table.with_dense(params, table, table.dense().astype(jnp.float32) - delta)
+    return {**unmerged, LORA_A: table.adapter.a, LORA_B: table.adapter.b}
 
 
 def remove_lora(params: Params) -> Params:
@@ -263,8 +346,8 @@ def remove_lora(params: Params) -> Params:
         >>> sorted(jaxembed.lora.remove_lora(params))
         ['embeddings']
     """
-    _adapter(params, "remove_lora")
-    return {key: value for key, value in params.items() if key not in LORA_KEYS}
+    _adapter(_table.view(params), params, "remove_lora")
+    return _table.without_adapter(params)
 
 
 def trainable_labels(tree: Any, *, adapters_only: bool = False) -> Any:
@@ -284,7 +367,7 @@ def trainable_labels(tree: Any, *, adapters_only: bool = False) -> Any:
         >>> jaxembed.lora.trainable_labels(params)["embeddings"]
         'frozen'
     """
-    _checks.one_of("adapters_only", adapters_only, (True, False))
+    _checks.boolean("adapters_only", adapters_only)
     frozen = _paths.tables_beside_lora(tree)
 
     def label(path: tuple[Any, ...], _: Any) -> str:
@@ -294,26 +377,6 @@ def trainable_labels(tree: Any, *, adapters_only: bool = False) -> Any:
         return FROZEN if names in frozen else TRAINABLE
 
     return jax.tree_util.tree_map_with_path(label, tree)
-
-
-def freeze_lora_base(
-    tx: optax.GradientTransformation, *, adapters_only: bool = False
-) -> optax.GradientTransformation:
-    """`tx` for the trainable leaves (see `trainable_labels`); zero updates and no optimizer
-    state for the frozen ones.
-
-    One line for a whole model: `tx = jaxembed.freeze_lora_base(optax.adam(1e-3))`. If the
-    frozen leaves' gradients are computed but only fed here, XLA removes them from the compiled
-    step. To not even trace them, differentiate `split_trainable`'s first half instead.
-
-    Example:
-        >>> import optax, jaxembed
-        >>> tx = jaxembed.freeze_lora_base(optax.adam(1e-3))
-    """
-    return optax.partition(
-        {TRAINABLE: tx, FROZEN: optax.set_to_zero()},
-        functools.partial(trainable_labels, adapters_only=adapters_only),
-    )
 
 
 def split_trainable(tree: Any, *, adapters_only: bool = False) -> tuple[Any, Any]:

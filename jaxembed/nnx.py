@@ -25,7 +25,7 @@ from flax import nnx
 from flax.core import meta
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _checks, _layer, _paths, functional, initializers, linen, lora, regularizers
+from jaxembed import _layer, _paths, _table, functional, initializers, linen, lora, regularizers
 
 
 def _variable(kind: type[nnx.Variable], value: jax.Array, axes: tuple[Any, ...]) -> nnx.Variable:
@@ -88,11 +88,11 @@ class Embedding(nnx.Module):
             "param_dtype": param_dtype,
         }
         _layer.check_arguments(**arguments)
-        # The weights live in the table; LoRA's rank and alpha are set by enable_lora.
-        for name in set(_layer.ARGUMENTS) - {"weights", "lora_rank", "lora_alpha"}:
+        # The weights live in the table; LoRA's rank is set by enable_lora. lora_alpha is kept
+        # without a rank too, as linen keeps it, for an adapter enabled later.
+        for name in set(_layer.ARGUMENTS) - {"weights", "lora_rank"}:
             setattr(self, name, arguments[name])
         self.lora_rank: int | None = None
-        self.lora_alpha: float | None = None
         params = functional.init(
             rngs.params() if weights is None else None,
             input_dim,
@@ -109,8 +109,8 @@ class Embedding(nnx.Module):
         """The layer's arrays as the plain params dict of the pure functions."""
         params = {"embeddings": self.embeddings[...]}
         if self.lora_rank is not None:
-            params[lora.LORA_A] = self.lora_embeddings_a[...]
-            params[lora.LORA_B] = self.lora_embeddings_b[...]
+            params[_table.LORA_A] = self.lora_embeddings_a[...]
+            params[_table.LORA_B] = self.lora_embeddings_b[...]
         return params
 
     def __call__(self, ids: ArrayLike) -> jax.Array:
@@ -153,9 +153,8 @@ class Embedding(nnx.Module):
             ValueError: bad rank or alpha, LoRA already enabled, or an embeddings constraint.
         """
         if self.embeddings_constraint is not None:
-            raise _checks.no_lora_with_constraint("enable_lora")
-        if lora_alpha is not None:
-            _checks.positive_number("lora_alpha", lora_alpha)
+            raise lora.refuse_constraint("enable_lora")
+        lora.check_alpha(lora_alpha)
         params = lora.enable_lora(
             self.params(),
             rngs.params(),
@@ -167,18 +166,18 @@ class Embedding(nnx.Module):
 
     def _set_adapter(self, params: functional.Params, lora_alpha: float | None) -> None:
         self.lora_embeddings_a = _variable(
-            nnx.LoRAParam, params[lora.LORA_A], _layer.LORA_AXES[lora.LORA_A]
+            nnx.LoRAParam, params[_table.LORA_A], _layer.LORA_AXES[_table.LORA_A]
         )
         self.lora_embeddings_b = _variable(
-            nnx.LoRAParam, params[lora.LORA_B], _layer.LORA_AXES[lora.LORA_B]
+            nnx.LoRAParam, params[_table.LORA_B], _layer.LORA_AXES[_table.LORA_B]
         )
-        self.lora_rank = int(params[lora.LORA_A].shape[1])
-        self.lora_alpha = lora_alpha
+        self.lora_rank = int(params[_table.LORA_A].shape[1])
+        if lora_alpha is not None:
+            self.lora_alpha = lora_alpha
 
     def _drop_adapter(self) -> None:
         del self.lora_embeddings_a, self.lora_embeddings_b
         self.lora_rank = None
-        self.lora_alpha = None
 
     def merge_lora(self, *, safe_merge: bool = False) -> None:
         """Folds the adapter into the table (float32 sum, cast back); no adapter is left.
@@ -229,11 +228,11 @@ class Embedding(nnx.Module):
         """
         params = nn.unbox(variables)
         params = params.get("params", params)
-        adapter = _checks.lora_weights(params)
+        table = _table.view(params)
         arguments = {name: getattr(module, name) for name in _layer.ARGUMENTS}
-        arguments.update(weights=params["embeddings"], lora_rank=None)
+        arguments.update(weights=table.dense(), lora_rank=None)
         layer = cls(**arguments, rngs=rngs or nnx.Rngs(0))
-        if adapter is not None:
+        if table.adapter is not None:
             layer._set_adapter(params, module.lora_alpha)
         return layer
 

@@ -1,7 +1,8 @@
 """Keras regularizer names -> penalty functions `matrix -> scalar`, and the penalty of params.
 
-The factories take Keras's arguments and defaults and compute Keras's formulas in the matrix's
-dtype, so the penalty equals `keras.regularizers.get(name)(matrix)`.
+The factories take Keras's arguments and defaults and compute Keras's formulas, so the penalty
+equals `keras.regularizers.get(name)(matrix)`, in the matrix's dtype; sums run in float32 at
+least, so a float16 table's penalty does not overflow where Keras's does.
 
 Example:
     >>> import jax.numpy as jnp, jaxembed
@@ -18,7 +19,7 @@ from typing import Any, TypeAlias
 import jax
 import jax.numpy as jnp
 
-from jaxembed import _checks
+from jaxembed import _checks, _registry, _table
 
 Regularizer: TypeAlias = Callable[[jax.Array], jax.Array]
 """`matrix -> scalar penalty`."""
@@ -29,12 +30,16 @@ RegularizerLike: TypeAlias = str | Regularizer | None
 _EPSILON = 1e-7
 
 
+def _at_least_float32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _l1_penalty(factor: float, x: jax.Array) -> jax.Array:
-    return jnp.asarray(factor, x.dtype) * jnp.sum(jnp.abs(x))
+    return (factor * jnp.sum(jnp.abs(_at_least_float32(x)))).astype(x.dtype)
 
 
 def _l2_penalty(factor: float, x: jax.Array) -> jax.Array:
-    return jnp.asarray(factor, x.dtype) * jnp.sum(jnp.square(x))
+    return (factor * jnp.sum(jnp.square(_at_least_float32(x)))).astype(x.dtype)
 
 
 def l1(l1: float = 0.01) -> Regularizer:
@@ -63,6 +68,9 @@ def l1_l2(l1: float = 0.01, l2: float = 0.01) -> Regularizer:
 def orthogonal_regularizer(factor: float = 0.01, mode: str = "rows") -> Regularizer:
     """Keras `OrthogonalRegularizer`: mean |cosine| between distinct rows (or columns).
 
+    Unlike Keras, the penalty of a single row is 0 (Keras divides by zero pairs: NaN), and an
+    all-zero row has a finite gradient (Keras's `rsqrt(0)` gives NaN gradients).
+
     Warning: in "rows" mode this builds an `(input_dim, input_dim)` matrix; keep it for small
     vocabularies.
     """
@@ -70,14 +78,20 @@ def orthogonal_regularizer(factor: float = 0.01, mode: str = "rows") -> Regulari
     _checks.one_of("mode", mode, ("rows", "columns"))
     axis = 1 if mode == "rows" else 0
 
-    def penalty(x: jax.Array) -> jax.Array:
-        inv_norm = jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-        unit = x * jnp.minimum(inv_norm, 1.0 / _EPSILON)
+    def penalty(matrix: jax.Array) -> jax.Array:
+        x = _at_least_float32(matrix)
+        squared_norms = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+        # Keras's floor on 1/norm, written so that a zero row differentiates to 0, not NaN.
+        floor = _EPSILON**2
+        inv_norm = jax.lax.rsqrt(jnp.maximum(squared_norms, floor))
+        unit = x * inv_norm
         product = unit @ unit.T if mode == "rows" else unit.T @ unit
         size = product.shape[0]
+        if size < 2:
+            return jnp.zeros((), matrix.dtype)
         off_diagonal = product * (1.0 - jnp.eye(size, dtype=x.dtype))
         num_pairs = size * (size - 1.0) / 2.0
-        return factor * 0.5 * jnp.sum(jnp.abs(off_diagonal)) / num_pairs
+        return (factor * 0.5 * jnp.sum(jnp.abs(off_diagonal)) / num_pairs).astype(matrix.dtype)
 
     return penalty
 
@@ -111,7 +125,7 @@ def get(identifier: Any) -> Regularizer | None:
     """
     if identifier is None:
         return None
-    return _checks.resolve_identifier("embeddings_regularizer", identifier, _FACTORIES, _ALIASES)
+    return _registry.resolve("embeddings_regularizer", identifier, _FACTORIES, _ALIASES)
 
 
 def regularization_penalty(params: dict[str, jax.Array], embeddings_regularizer: Any) -> jax.Array:
@@ -134,10 +148,22 @@ def regularization_penalty(params: dict[str, jax.Array], embeddings_regularizer:
         >>> float(jaxembed.regularization_penalty(params, jaxembed.regularizers.l1(0.5)))
         3.0
     """
-    table = _checks.embeddings_table(params)
-    adapter = _checks.lora_weights(params)
+    table = _table.view(params)
     regularizer = get(embeddings_regularizer)
     if regularizer is None:
         return jnp.zeros((), table.dtype)
-    penalties = [jnp.asarray(regularizer(weight)) for weight in adapter or (table,)]
+    weights = table.adapter or (table.dense(),)
+    penalties = [_penalty(regularizer, weight) for weight in weights]
     return sum(penalties[1:], start=penalties[0])
+
+
+def _penalty(regularizer: Regularizer, weight: jax.Array) -> jax.Array:
+    """`regularizer(weight)`, refusing anything but a real scalar (a user callable returning
+    a vector or None would otherwise broadcast into the loss or fail far away)."""
+    penalty = regularizer(weight)
+    array = _checks.as_array_or_none(penalty)
+    real = array is not None and jnp.issubdtype(array.dtype, jnp.number)
+    ok = real and array.ndim == 0 and not jnp.issubdtype(array.dtype, jnp.complexfloating)
+    return _checks.callable_output(
+        "embeddings_regularizer", regularizer, array, "a real scalar", ok
+    )

@@ -24,10 +24,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _checks, _mesh, functional
+from jaxembed import _checks, _mesh, _out_of_range, _table, lora
 from jaxembed._mesh import SpecEntry, attend_shardings, gather_sharding
 
 __all__ = ["attend_shardings", "gather_sharding", "vocab_parallel_apply"]
@@ -66,7 +67,7 @@ def _vocab_axis_size(mesh: Any, vocab_axis: str, input_dim: int) -> int:
 
 
 def vocab_parallel_apply(
-    params: functional.Params,
+    params: _table.Params,
     ids: ArrayLike,
     *,
     vocab_axis: str,
@@ -104,55 +105,59 @@ def vocab_parallel_apply(
         >>> bool((out == jaxembed.apply(params, jnp.array([[1, 7]]))).all())
         True
     """
-    table = _checks.embeddings_table(params)
-    adapter = _checks.lora_weights(params)
+    table = _table.view(params)
     ids = _checks.integer_ids(ids)
     if ids.ndim == 0:
         raise ValueError(
             "vocab_parallel_apply needs ids of rank >= 1 (their first dimension is split over "
             "`batch_axes`). Received: a scalar id; use `jaxembed.apply` or `ids[None]`."
         )
-    out_of_range = _checks.out_of_range_policy(out_of_range)
     dtype = _checks.optional_floating_dtype("dtype", dtype) or table.dtype
-    input_dim = table.shape[0]
-    mesh = mesh or _mesh.explicit_mesh(table, ids) or _context_mesh()
+    lora.check_alpha(lora_alpha)
+    input_dim = table.input_dim
+    mesh = mesh or _mesh.explicit_mesh(table.leading, ids) or _context_mesh()
     _vocab_axis_size(mesh, vocab_axis, input_dim)
-    if out_of_range == "error":
-        functional.check_in_range(ids, input_dim)
-    elif out_of_range == "clip":
-        ids = jnp.clip(ids, 0, input_dim - 1)
+    indices = _out_of_range.prepare(ids, input_dim, out_of_range)
+    kind = table.kind
 
-    def owned_rows(matrix_shard: jax.Array, global_ids: jax.Array) -> jax.Array:
-        rows_per_shard = matrix_shard.shape[0]
-        local_ids = global_ids - jax.lax.axis_index(vocab_axis) * rows_per_shard
-        owned = (local_ids >= 0) & (local_ids < rows_per_shard)
-        rows = matrix_shard.at[jnp.clip(local_ids, 0, rows_per_shard - 1)].get(
-            mode="promise_in_bounds"
-        )
+    def owned_rows(shard_rows: int, global_ids: jax.Array, gather: Any) -> jax.Array:
+        """Rows of the ids this shard owns, zeros for the others, summed over the shards."""
+        local = global_ids - jax.lax.axis_index(vocab_axis) * shard_rows
+        owned = (local >= 0) & (local < shard_rows)
+        rows = gather(_out_of_range.Indices(jnp.clip(local, 0, shard_rows - 1), fill=False))
         return jax.lax.psum(jnp.where(owned[..., None], rows, 0), vocab_axis)
 
-    def local_lookup(table_shard, global_ids, *lora_shards):
-        rows = owned_rows(table_shard, global_ids)
-        if lora_shards:
-            a_shard, b = lora_shards
-            scale = functional.lora_scale(a_shard.shape[1], lora_alpha)
-            rows = rows.astype(jnp.float32) + scale * (owned_rows(a_shard, global_ids) @ b)
-        if out_of_range == "fill":
-            valid = (global_ids >= 0) & (global_ids < input_dim)
+    def local_lookup(table_shards, global_ids, adapter_shards):
+        shard_rows = table_shards[kind.keys[0]].shape[0]
+        rows = owned_rows(shard_rows, global_ids, lambda at: kind.gather(table_shards, at))
+        if adapter_shards:
+            a_shard, b = adapter_shards
+            # The psum carries A's rank-r rows; the delta is formed after it, as in `apply`.
+            a_rows = owned_rows(shard_rows, global_ids, lambda at: _table.take_rows(a_shard, at))
+            rows = lora.add_delta(rows, a_rows, b, lora_alpha)
+        if indices.fill:
+            valid = _out_of_range.Indices(global_ids, fill=True).valid(input_dim)
             rows = jnp.where(valid[..., None], rows, jnp.nan)
         return rows.astype(dtype)
 
-    rows_spec = PartitionSpec(vocab_axis, None)
+    def split_rows(array: Any) -> PartitionSpec:
+        return PartitionSpec(vocab_axis, *(None,) * (np.ndim(array) - 1))
+
     # A mesh axis of size 1 splits nothing, but shard_map's transpose would still all-reduce
     # the table's gradient over it.
-    batch_axes = _without_trivial_axes(mesh, batch_axes)
-    ids_spec = PartitionSpec(batch_axes)
-    arrays = (table, ids, *(adapter or ()))
-    specs = (rows_spec, ids_spec, *((rows_spec, PartitionSpec(None, None)) if adapter else ()))
+    ids_spec = PartitionSpec(_without_trivial_axes(mesh, batch_axes))
+    adapter = tuple(table.adapter or ())
+    arrays = (table.arrays, indices.ids, adapter)
+    specs = (
+        {key: split_rows(array) for key, array in table.arrays.items()},
+        ids_spec,
+        (split_rows(adapter[0]), PartitionSpec(None, None)) if adapter else (),
+    )
     if AxisType.Explicit in mesh.axis_types:
         # On Explicit axes shard_map takes inputs whose types already carry its in_specs.
-        arrays = tuple(
-            jax.sharding.reshard(array, NamedSharding(mesh, spec))
-            for array, spec in zip(arrays, specs, strict=True)
+        arrays = jax.tree.map(
+            lambda array, spec: jax.sharding.reshard(array, NamedSharding(mesh, spec)),
+            arrays,
+            specs,
         )
     return jax.shard_map(local_lookup, mesh=mesh, in_specs=specs, out_specs=ids_spec)(*arrays)

@@ -1,0 +1,153 @@
+"""The out-of-range policy: what an id outside `[0, input_dim)` gives, in one place.
+
+| policy            | concrete ids (eager)  | traced ids, plain jit | traced ids under checkify |
+|-------------------|-----------------------|-----------------------|---------------------------|
+| "error" (default) | `IndexError` at once  | NaN rows              | the `IndexError` message  |
+| "fill"            | NaN rows              | NaN rows              | NaN rows                  |
+| "clip"            | nearest valid row     | nearest valid row     | nearest valid row         |
+
+`prepare` turns user ids into `Indices`: gather indices in one integer dtype, plus whether
+out-of-bounds entries must read as NaN. Every lookup (`jaxembed.apply`, the vocab-parallel
+`shard_map`, the modules) and `check_in_range` go through it, so the policy is written once.
+
+Ids are compared with the vocabulary in their own dtype before any narrowing cast: a NumPy
+`int64` id `2**32 + 3` is out of range (not row 3) even when `jax_enable_x64` is off, and a
+`uint32` id is never compared through a negative bound.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from jaxembed import _checks
+
+POLICIES = ("error", "fill", "clip")
+DEFAULT = "error"
+
+
+def policy(value: Any) -> str:
+    """Returns `value` if it names a policy, else raises listing them."""
+    return _checks.one_of("out_of_range", value, POLICIES)
+
+
+class Indices(NamedTuple):
+    """Gather indices prepared by `prepare`.
+
+    `ids` has the index dtype of the vocabulary (`index_dtype`). With `fill` False every entry
+    lies in `[0, input_dim)`; with `fill` True an entry outside it must give a NaN row.
+    """
+
+    ids: jax.Array
+    fill: bool
+
+    def valid(self, input_dim: int) -> jax.Array:
+        """Bool mask of the entries that name a row (all True when `fill` is False)."""
+        return (self.ids >= 0) & (self.ids < input_dim)
+
+    @property
+    def gather_mode(self) -> str:
+        """The `.at[].get` mode: "fill" reads out-of-bounds entries as the fill value."""
+        return "fill" if self.fill else "promise_in_bounds"
+
+
+def index_dtype(input_dim: int) -> np.dtype:
+    """int32 when it can index every row, else int64 (which needs `jax_enable_x64`)."""
+    if input_dim <= np.iinfo(np.int32).max:
+        return np.dtype(np.int32)
+    if jax.config.jax_enable_x64:
+        return np.dtype(np.int64)
+    raise ValueError(
+        f"`input_dim`={input_dim} rows cannot be indexed with int32 ids (at most "
+        f"{np.iinfo(np.int32).max} rows): enable 64-bit ids with "
+        "`jax.config.update('jax_enable_x64', True)` and pass int64 ids."
+    )
+
+
+def message(input_dim: int, bad_id: Any) -> str:
+    """The message for an id outside the vocabulary; `bad_id` may be a checkify format field."""
+    return (
+        f"`ids` must lie in [0, input_dim) = [0, {input_dim}); got id {bad_id}. "
+        "Pass out_of_range='clip' to clamp such ids or out_of_range='fill' to get NaN rows."
+    )
+
+
+def _bounds(dtype: np.dtype, input_dim: int) -> tuple[bool, bool]:
+    """Which comparisons can be false for ids of `dtype`: (id < 0 possible, id >= input_dim
+    possible). Skipping the impossible ones keeps every constant representable in `dtype`."""
+    info = np.iinfo(dtype)
+    return info.min < 0, info.max >= input_dim
+
+
+def _host_check(ids: np.ndarray, input_dim: int) -> None:
+    """`IndexError` naming the first bad id, with the exact value the user passed."""
+    bad = (ids < 0) | (ids >= input_dim)
+    if bad.any():
+        raise IndexError(message(input_dim, int(ids[bad].flat[0])))
+
+
+def _device_valid(ids: jax.Array, input_dim: int) -> jax.Array:
+    can_be_negative, can_be_too_large = _bounds(ids.dtype, input_dim)
+    valid = jnp.ones(ids.shape, bool)
+    if can_be_negative:
+        valid &= ids >= 0
+    if can_be_too_large:
+        valid &= ids < jnp.asarray(input_dim, ids.dtype)
+    return valid
+
+
+def _device_check(ids: jax.Array, valid: jax.Array, input_dim: int) -> None:
+    """Concrete ids: `IndexError` now. Traced ids: a check that checkify reports and that
+    compiles to nothing otherwise (`checkify.debug_check`), so plain jit works."""
+    largest = jnp.asarray(np.iinfo(ids.dtype).max, ids.dtype)
+    # A reduction rather than indexing at argmin: it also compiles for ids sharded over an
+    # Explicit mesh; `initial` keeps it defined for empty ids. It names the smallest bad id.
+    smallest_bad = jnp.min(jnp.where(valid, largest, ids), initial=largest)
+    if _checks.is_traced(ids) or _checks.is_traced(valid):
+        checkify.debug_check(jnp.all(valid), message(input_dim, "{bad_id}"), bad_id=smallest_bad)
+    elif not bool(jnp.all(valid)):
+        raise IndexError(message(input_dim, smallest_bad.item()))
+
+
+def _representable(ids: np.ndarray, input_dim: int, dtype: np.dtype) -> np.ndarray:
+    """Host ids in `dtype` with every out-of-range value replaced by an out-of-range stand-in
+    (-1 or input_dim) that `dtype` holds, so the narrowing cast cannot wrap it into range."""
+    lowest = -1 if np.iinfo(ids.dtype).min < 0 else 0
+    return np.clip(ids, lowest, input_dim).astype(dtype)
+
+
+def check(ids: Any, input_dim: int) -> None:
+    """The "error" policy's check alone (`jaxembed.check_in_range`)."""
+    prepare(ids, input_dim, "error")
+
+
+def prepare(ids: Any, input_dim: int, out_of_range: str) -> Indices:
+    """Validated integer ids -> `Indices` for a vocabulary of `input_dim` rows.
+
+    "error" checks (see the module's table), then gathers like "fill"; "fill" keeps
+    out-of-range ids and gathers with NaN fill; "clip" clamps.
+    """
+    ids = _checks.integer_ids(ids)
+    out_of_range = policy(out_of_range)
+    dtype = index_dtype(input_dim)
+    if isinstance(ids, np.ndarray):
+        if out_of_range == "error":
+            _host_check(ids, input_dim)
+        ids = jnp.asarray(_representable(ids, input_dim, dtype))
+    elif out_of_range == "error":
+        _device_check(ids, _device_valid(ids, input_dim), input_dim)
+    if out_of_range == "clip":
+        can_be_negative, can_be_too_large = _bounds(ids.dtype, input_dim)
+        if can_be_negative:
+            ids = jnp.maximum(ids, 0)
+        if can_be_too_large:
+            ids = jnp.minimum(ids, jnp.asarray(input_dim - 1, ids.dtype))
+        return Indices(ids.astype(dtype), fill=False)
+    if np.can_cast(ids.dtype, dtype, casting="safe"):
+        # A widening cast keeps every value, so the gather's bounds check sees the bad ones.
+        return Indices(ids.astype(dtype), fill=True)
+    return Indices(jnp.where(_device_valid(ids, input_dim), ids.astype(dtype), -1), fill=True)

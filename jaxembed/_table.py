@@ -1,0 +1,324 @@
+"""The params layout: which keys hold the table and its LoRA adapter, and how to read them.
+
+Every other module asks this one, through `view(params)`, instead of reading
+`params["embeddings"]` itself:
+
+    table = _table.view(params)     # validated once per call
+    table.input_dim, table.output_dim, table.dtype, table.adapter
+    table.gather(indices)           # rows for prepared ids: ids.shape + (output_dim,)
+    table.contract(query, dtype)    # query @ table.T, sharded like the table
+    table.dense()                   # the whole (input_dim, output_dim) float matrix
+
+**Adding a table kind** (int8 rows with per-row scales, int4 with grouped scales, ...): write
+a `TableKind` subclass here, naming the params keys it stores and answering `shape`, `dtype`,
+`gather` and `dense` (and `contract` where it can beat contracting against `dense()`), then
+add it to `KINDS`. `jaxembed.apply`, `attend`, LoRA, regularization and the vocab-parallel
+`shard_map` then work on it unchanged: they only call the methods above. Two rules make the
+sharded lookup work: every array of a kind has the vocabulary as its first dimension (so
+splitting rows splits the table), and `gather` honours `Indices.fill` (NaN rows for
+out-of-range ids; integer storage gathers clipped rows, dequantizes, then masks them).
+tests/test_table.py proves the seam with a `(rows, scale)` test double.
+
+LoRA's A `(input_dim, rank)` and B `(rank, output_dim)` sit beside any kind under the keys in
+`LORA_KEYS`; their maths lives in `jaxembed.lora`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple, TypeAlias
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxembed import _checks, _mesh
+from jaxembed._out_of_range import Indices
+
+Params: TypeAlias = dict[str, jax.Array]
+"""{"embeddings": (input_dim, output_dim) table}, plus LoRA weights when enabled."""
+
+EMBEDDINGS = "embeddings"
+LORA_A = "lora_embeddings_a"
+LORA_B = "lora_embeddings_b"
+LORA_KEYS = (LORA_A, LORA_B)
+LORA_DTYPE = jnp.float32
+"""Adapter storage dtype whatever the table's (as Keras: avoids under/overflow in training)."""
+
+
+def take_rows(matrix: jax.Array, indices: Indices) -> jax.Array:
+    """`matrix[indices]`: shape `ids.shape + matrix.shape[1:]`, NaN where `indices.fill` marks
+    an id out of range (never wrapping -1 to the last row).
+
+    On an Explicit mesh the output sharding is derived from the operands (the batch follows
+    the ids, the features the matrix's columns); plain `jnp.take` would be refused there.
+    """
+    return matrix.at[indices.ids].get(
+        mode=indices.gather_mode,
+        fill_value=jnp.nan if indices.fill else None,
+        wrap_negative_indices=False,
+        out_sharding=_mesh.gather_sharding(matrix, indices.ids),
+    )
+
+
+class TableKind:
+    """One way of storing a table in params. Subclass it to add a kind (see the module doc)."""
+
+    keys: tuple[str, ...] = ()
+    """The params keys this kind stores; the first is `(input_dim, ...)` and its sharding
+    decides the output's."""
+
+    def shape(self, arrays: Mapping[str, Any]) -> tuple[int, int]:
+        """`(input_dim, output_dim)`, after checking the arrays; raises ValueError if bad."""
+        raise NotImplementedError
+
+    def dtype(self, arrays: Mapping[str, jax.Array]) -> np.dtype:
+        """The floating dtype rows are gathered in."""
+        raise NotImplementedError
+
+    def gather(self, arrays: Mapping[str, jax.Array], indices: Indices) -> jax.Array:
+        """Rows for prepared ids, `ids.shape + (output_dim,)` in `dtype` (`take_rows` does
+        the sharding and the NaN fill of a float array)."""
+        raise NotImplementedError
+
+    def dense(self, arrays: Mapping[str, jax.Array]) -> jax.Array:
+        """The whole `(input_dim, output_dim)` floating matrix."""
+        raise NotImplementedError
+
+    def contract(
+        self, arrays: Mapping[str, jax.Array], query: jax.Array, shardings: Any
+    ) -> jax.Array:
+        """`query @ dense().T` in `query.dtype`; `shardings` from `_mesh.attend_shardings`."""
+        table = self.dense(arrays)
+        if shardings is not None and shardings.table is not None:
+            table = jax.sharding.reshard(table, shardings.table)
+        return jnp.einsum(
+            "...d,vd->...v",
+            query,
+            table.astype(query.dtype),
+            out_sharding=shardings and shardings.logits,
+        )
+
+
+class DenseTable(TableKind):
+    """A floating-point `(input_dim, output_dim)` matrix under "embeddings"."""
+
+    keys = (EMBEDDINGS,)
+
+    def shape(self, arrays: Mapping[str, Any]) -> tuple[int, int]:
+        table = arrays[EMBEDDINGS]
+        if hasattr(table, "unbox"):
+            raise ValueError(
+                f"params['embeddings'] is a boxed flax param ({type(table).__name__}); unbox "
+                "the variables first: `flax.linen.unbox(params)`."
+            )
+        if getattr(table, "ndim", None) != 2:
+            raise ValueError(
+                "params['embeddings'] must be a 2-D (input_dim, output_dim) array. "
+                f"Received: shape {getattr(table, 'shape', None)}."
+            )
+        dtype = getattr(table, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                "params['embeddings'] must be a floating-point table. Received: "
+                f"embeddings of dtype {dtype}; cast it, e.g. `table.astype(jnp.float32)`."
+            )
+        return tuple(table.shape)
+
+    def dtype(self, arrays: Mapping[str, jax.Array]) -> np.dtype:
+        return arrays[EMBEDDINGS].dtype
+
+    def gather(self, arrays: Mapping[str, jax.Array], indices: Indices) -> jax.Array:
+        return take_rows(jnp.asarray(arrays[EMBEDDINGS]), indices)
+
+    def dense(self, arrays: Mapping[str, jax.Array]) -> jax.Array:
+        return jnp.asarray(arrays[EMBEDDINGS])
+
+
+KINDS: list[TableKind] = [DenseTable()]
+"""Every table kind, tried in order; the first whose keys are all in params reads them."""
+
+
+class Adapter(NamedTuple):
+    """LoRA's A `(input_dim, rank)` and B `(rank, output_dim)`."""
+
+    a: jax.Array
+    b: jax.Array
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A validated view of params: the table's kind and arrays, and the adapter if any."""
+
+    kind: TableKind
+    arrays: dict[str, jax.Array]
+    input_dim: int
+    output_dim: int
+    adapter: Adapter | None
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype rows come out in (the table's dtype for a dense table)."""
+        return self.kind.dtype(self.arrays)
+
+    @property
+    def leading(self) -> jax.Array:
+        """The array whose sharding the output follows."""
+        return self.arrays[self.kind.keys[0]]
+
+    def gather(self, indices: Indices) -> jax.Array:
+        return self.kind.gather(self.arrays, indices)
+
+    def contract(self, query: jax.Array, shardings: Any = None) -> jax.Array:
+        return self.kind.contract(self.arrays, query, shardings)
+
+    def dense(self) -> jax.Array:
+        return self.kind.dense(self.arrays)
+
+
+def _describe_params(params: Any) -> str:
+    if isinstance(params, Mapping):
+        return f"params with keys {sorted(map(str, params))}"
+    return f"params={_checks.describe(params)}"
+
+
+def kind_of(params: Mapping[str, Any]) -> TableKind | None:
+    """The first kind whose keys params hold, or None."""
+    return next((kind for kind in KINDS if all(key in params for key in kind.keys)), None)
+
+
+def adapter_of(params: Mapping[str, Any], input_dim: int, output_dim: int) -> Adapter | None:
+    """The LoRA adapter in params, checked against the table's shape; None when there is none."""
+    present = [key for key in LORA_KEYS if key in params]
+    if not present:
+        return None
+    if len(present) == 1:
+        raise ValueError(
+            f"params hold {present[0]!r} but not its partner: a LoRA adapter needs both "
+            f"{LORA_A!r} (input_dim, rank) and {LORA_B!r} (rank, output_dim)."
+        )
+    a, b = jnp.asarray(params[LORA_A]), jnp.asarray(params[LORA_B])
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != input_dim or b.shape != (a.shape[1], output_dim):
+        raise ValueError(
+            f"LoRA weights must have shapes {LORA_A}=(input_dim, rank)=({input_dim}, rank) and "
+            f"{LORA_B}=(rank, output_dim)=(rank, {output_dim}). Received: "
+            f"{tuple(a.shape)} and {tuple(b.shape)}."
+        )
+    if a.shape[1] == 0:
+        raise ValueError(
+            f"A LoRA adapter must have rank >= 1. Received: {LORA_A} of shape {tuple(a.shape)} "
+            "(rank 0)."
+        )
+    for key, matrix in zip(LORA_KEYS, (a, b), strict=True):
+        if not jnp.issubdtype(matrix.dtype, jnp.floating):
+            raise TypeError(
+                f"params[{key!r}] must be floating-point. Received: dtype {matrix.dtype}."
+            )
+    return Adapter(a, b)
+
+
+def view(params: Any) -> Table:
+    """Validates params and returns the `Table` that reads them.
+
+    Raises:
+        ValueError: params that are not a mapping, hold no table, hold a boxed or misshapen
+            table, or half an adapter. TypeError: a non-floating table.
+    """
+    kind = kind_of(params) if isinstance(params, Mapping) else None
+    if kind is None:
+        raise ValueError(
+            "`params` must be a dict holding the table under 'embeddings' (as returned by "
+            f"jaxembed.init). Received: {_describe_params(params)}."
+        )
+    arrays = {key: params[key] for key in kind.keys}
+    input_dim, output_dim = kind.shape(arrays)
+    return Table(kind, arrays, input_dim, output_dim, adapter_of(params, input_dim, output_dim))
+
+
+def with_dense(params: Mapping[str, Any], table: Table, matrix: jax.Array) -> Params:
+    """Params with the table replaced by a dense `matrix` (cast to the table's dtype): what
+    merging an adapter or projecting onto a constraint writes back."""
+    rest = {key: value for key, value in params.items() if key not in table.kind.keys}
+    return {**rest, EMBEDDINGS: matrix.astype(table.dtype)}
+
+
+def without_adapter(params: Mapping[str, Any]) -> Params:
+    """Params with the LoRA keys dropped."""
+    return {key: value for key, value in params.items() if key not in LORA_KEYS}
+
+
+def table_keys() -> set[str]:
+    """Every key any table kind stores: the leaves LoRA freezes."""
+    return {key for kind in KINDS for key in kind.keys}
+
+
+class CheckedWeights(np.ndarray):
+    """A read-only NumPy copy of initial weights, already checked in its dtype: passing it on
+    (a linen module is cloned on every `apply`) costs no second check or copy."""
+
+
+def validated_weights(weights: Any, input_dim: int, output_dim: int, dtype: Any) -> np.ndarray:
+    """`weights` as a checked, read-only NumPy copy of shape `(input_dim, output_dim)` in
+    `dtype`, finite in that dtype (1e5 is finite, but not in a float16 table).
+
+    A Keras-style one-element list `[matrix]` is accepted and unwrapped. The copy is the
+    caller's matrix frozen at this moment: mutating theirs later changes nothing here.
+    """
+    dtype = np.dtype(dtype)
+    if (
+        isinstance(weights, CheckedWeights)
+        and weights.dtype == dtype
+        and weights.shape == (input_dim, output_dim)
+    ):
+        return weights
+    if _checks.is_traced(weights):
+        raise ValueError(
+            "`weights` must be a concrete matrix (a NumPy or JAX array), not a traced value: "
+            "initial weights are fixed when the layer is built."
+        )
+    try:
+        array = np.asarray(weights)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"`weights` must be a numeric matrix of shape ({input_dim}, {output_dim}). "
+            f"Received: weights={_checks.describe(weights)}, which is not array-like ({error})."
+        ) from None
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise ValueError(
+            f"`weights` must be a 2-D matrix of shape ({input_dim}, {output_dim}). "
+            f"Received: weights of shape {tuple(array.shape)} ({array.ndim}-D)."
+        )
+    if tuple(array.shape) != (input_dim, output_dim):
+        raise ValueError(
+            f"`weights` must have shape (input_dim, output_dim) = ({input_dim}, {output_dim}). "
+            f"Received: weights of shape {tuple(array.shape)}."
+        )
+    if array.dtype.kind not in "iuf" and array.dtype != jnp.bfloat16:
+        raise ValueError(
+            "`weights` must hold real numbers (integer or floating-point). "
+            f"Received: weights of dtype {array.dtype}."
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = array.astype(dtype)  # always a copy
+    count = int(np.size(cast) - np.isfinite(cast).sum())
+    if count:
+        raise ValueError(
+            f"`weights` must be finite. Received: weights with {count} NaN or infinite "
+            f"value(s) once cast to param_dtype={dtype.name} (whose largest finite value is "
+            f"{float(jnp.finfo(dtype).max):.4g})."
+        )
+    cast = cast.view(CheckedWeights)
+    cast.flags.writeable = False
+    return cast
+
+
+def out_sharding(table: Table, indices: Indices) -> Any:
+    """The output sharding of a lookup on an Explicit mesh (None elsewhere)."""
+    return _mesh.gather_sharding(table.leading, indices.ids)
