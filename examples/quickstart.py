@@ -30,11 +30,13 @@ def main() -> None:
     logits = jaxembed.attend(params, jnp.ones((32, 10, 64)))
     print("attend logits shape:", logits.shape)  # (32, 10, 1000)
 
-    # Out-of-range ids are refused by default rather than wrapped or NaN-filled.
+    # Out-of-range ids are refused by default (out_of_range="error"), where Keras wraps -1 to the
+    # last row: this last lookup fails on purpose, and the script catches the error.
     try:
         jaxembed.apply(params, jnp.array([3, 1000]))
     except IndexError as error:
-        print("IndexError:", error)
+        print('Expected: id 1000 is out of range, and the default out_of_range="error" refuses')
+        print(f"it with an IndexError: {error}")
 
 
 if __name__ == "__main__":
