@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -42,7 +41,6 @@ from typing import Any
 os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported
 
 import common
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,6 +53,7 @@ import jaxembed
 BASELINE = "jnp.take"
 HEADLINE = "jaxembed.apply fill"
 FORWARD_TARGET = 1.10  # jaxembed forward must be <= 1.10x raw jnp.take
+LIBRARIES = ("jax", "jaxlib", "flax", "keras", "jaxembed")  # the versions reported
 
 
 @dataclass
@@ -156,71 +155,98 @@ def warm_up_and_check(candidates: list[Candidate], table: jax.Array, ids: jax.Ar
             )
 
 
+# ----------------------------------------------------------------------------- measure
+
+
+def measure(
+    candidates: list[Candidate], table: jax.Array, ids: jax.Array, rounds: dict[str, int]
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call, {workload: {candidate: samples}}, each workload round-robin."""
+    samples = {}
+    for workload, n in rounds.items():
+        calls = {c.name: functools.partial(getattr(c, workload), table, ids) for c in candidates}
+        samples[workload], _ = common.time_round_robin(calls, n)
+    return samples
+
+
 def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Quartiles of each candidate, and its ratios to jnp.take: of the medians, and the median
+    of per-round ratios (each round's time over the same round's jnp.take time), which
+    cancels slow drift."""
     base = samples[BASELINE]
     summary = {}
     for name, times in samples.items():
+        ratio = common.ratios(times, base)
         summary[name] = {
             **common.quartile_summary(times, "us"),
-            # Ratio of medians, and the median of per-round ratios (each round's candidate
-            # time over the same round's jnp.take time): the second cancels slow drift.
-            "ratio_vs_take": common.ratio_of_medians(times, base),
-            "paired_ratio_vs_take": common.paired_ratio(times, base),
+            "ratio_vs_take": ratio["of_medians"],
+            "paired_ratio_vs_take": ratio["paired"],
         }
     return summary
 
 
-def verdict(
-    results: dict[str, dict[str, dict[str, float]]],
-    samples: dict[str, dict[str, list[float]]],
-    tolerance: float,
-) -> list[str]:
+# ----------------------------------------------------------------------------- report
+
+
+def paired_text(ratio: dict[str, float]) -> str:
+    """`paired 0.984x (ratio of medians 0.990x)`: the verdicts decide on the paired ratio."""
+    return f"paired {ratio['paired']:.3f}x (ratio of medians {ratio['of_medians']:.3f}x)"
+
+
+def verdict(samples: dict[str, dict[str, list[float]]], tolerance: float) -> list[str]:
     """PASS/FAIL per target, decided on the paired ratio (the lower-variance estimate on a
     noisy machine); the ratio of medians is shown beside it."""
-    checks: list[tuple[bool, str]] = []
-
-    def check(ok: bool, text: str) -> None:
-        checks.append((ok, text))
-
-    forward = results["forward"][HEADLINE]
-    check(
-        forward["paired_ratio_vs_take"] <= FORWARD_TARGET,
-        f"{HEADLINE} forward <= {FORWARD_TARGET:.2f}x {BASELINE}: "
-        f"paired {forward['paired_ratio_vs_take']:.3f}x "
-        f"(ratio of medians {forward['ratio_vs_take']:.3f}x)",
-    )
+    forward = common.ratios(samples["forward"][HEADLINE], samples["forward"][BASELINE])
+    checks = [
+        (
+            forward["paired"] <= FORWARD_TARGET,
+            f"{HEADLINE} forward <= {FORWARD_TARGET:.2f}x {BASELINE}: {paired_text(forward)}",
+        )
+    ]
     for workload in ("forward", "forward_backward"):
-        ours = samples[workload][HEADLINE]
         for other in ("flax.linen.Embed", "keras.layers.Embedding"):
-            theirs = samples[workload][other]
-            paired = common.paired_ratio(ours, theirs)
-            of_medians = common.ratio_of_medians(ours, theirs)
-            check(
-                paired <= 1 + tolerance,
-                f"{HEADLINE} {workload} no slower than {other} (<= {1 + tolerance:.2f}x, "
-                f"{tolerance:.0%} noise margin): paired {paired:.3f}x "
-                f"(ratio of medians {of_medians:.3f}x)",
+            ratio = common.ratios(samples[workload][HEADLINE], samples[workload][other])
+            checks.append(
+                (
+                    ratio["paired"] <= 1 + tolerance,
+                    f"{HEADLINE} {workload} no slower than {other} (<= {1 + tolerance:.2f}x, "
+                    f"{tolerance:.0%} noise margin): {paired_text(ratio)}",
+                )
             )
     return common.verdict_lines(checks)
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    header = f"{'candidate':<33} {'median us':>10} {'p25-p75 us':>15} {'x take':>7} {'paired':>7}"
-    rows = []
+    """A table per workload: median and quartiles per call, and the ratios to jnp.take."""
+    columns = [
+        ("candidate", "<33"),
+        ("median us", ">10"),
+        ("p25-p75 us", ">15"),
+        ("x take", ">7"),
+        ("paired", ">7"),
+    ]
+    parts = []
     for workload, label in (("forward", "forward"), ("forward_backward", "forward+backward")):
-        rows.append(f"\n{label} (n={results[workload][BASELINE]['n']} calls each)")
-        rows.append(header)
-        rows.append("-" * len(header))
-        for name, s in results[workload].items():
-            spread = f"{s['p25_us']:.0f}-{s['p75_us']:.0f}"
-            rows.append(
-                f"{name:<33} {s['median_us']:>10.0f} {spread:>15} "
-                f"{s['ratio_vs_take']:>6.3f}x {s['paired_ratio_vs_take']:>6.3f}x"
-            )
-    return "\n".join(rows)
+        rows = [
+            [
+                name,
+                f"{s['median_us']:.0f}",
+                f"{s['p25_us']:.0f}-{s['p75_us']:.0f}",
+                f"{s['ratio_vs_take']:.3f}x",
+                f"{s['paired_ratio_vs_take']:.3f}x",
+            ]
+            for name, s in results[workload].items()
+        ]
+        parts.append(f"\n{label} (n={results[workload][BASELINE]['n']} calls each)")
+        parts.append(common.format_table(columns, rows))
+    return "\n".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -251,34 +277,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.vocab, args.dim, args.num_ids) < 1:
         parser.error("--vocab, --dim and --num-ids must be positive")
-    forward_repeats = args.forward_repeats or 5 * args.repeats
-    if min(args.repeats, forward_repeats) < 2:
+    args.forward_repeats = args.forward_repeats or 5 * args.repeats
+    if min(args.repeats, args.forward_repeats) < 2:
         parser.error("--repeats and --forward-repeats must be at least 2 (for quartiles)")
+    return args
 
-    device = jax.devices()[0]
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     table_key, ids_key = jax.random.split(jax.random.key(args.seed))
     table = jaxembed.init(table_key, args.vocab, args.dim)["embeddings"]
     ids = jax.random.randint(ids_key, (args.num_ids,), 0, args.vocab, dtype=jnp.int32)
-
     meta = common.run_metadata(
-        libraries=("jax", "jaxlib", "flax", "keras", "jaxembed"),
+        libraries=LIBRARIES,
         vocab=args.vocab,
         dim=args.dim,
         num_ids=args.num_ids,
         table_dtype=str(table.dtype),
-        repeats_forward=forward_repeats,
+        repeats_forward=args.forward_repeats,
         repeats_forward_backward=args.repeats,
         tolerance=args.tolerance,
     )
-    print(
-        f"device: {device.platform} / {device.device_kind} (x{jax.device_count()}), "
-        f"{os.cpu_count()} CPU cores visible"
-    )
-    print(
-        f"jax {jax.__version__}, flax {flax.__version__}, keras {keras.__version__} "
-        f"(backend {keras.backend.backend()}), jaxembed {jaxembed.__version__}, "
-        f"python {platform.python_version()}"
-    )
+    print("\n".join(common.header_lines(meta, LIBRARIES)))
     print(
         f"table ({args.vocab}, {args.dim}) {table.dtype}, {args.num_ids} int32 ids; "
         f"median per call, microseconds; ratios vs {BASELINE} from this run"
@@ -288,18 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     candidates = build_candidates(args.vocab, args.dim)
     warm_up_and_check(candidates, table, ids)
     print(f"compiled and checked against {BASELINE} in {time.perf_counter() - wall:.1f} s")
+    rounds = {"forward": args.forward_repeats, "forward_backward": args.repeats}
+    samples = measure(candidates, table, ids, rounds)
 
-    samples, results = {}, {}
-    for workload, rounds in (("forward", forward_repeats), ("forward_backward", args.repeats)):
-        calls = {c.name: functools.partial(getattr(c, workload), table, ids) for c in candidates}
-        samples[workload], _ = common.time_round_robin(calls, rounds)
-        results[workload] = summarize(samples[workload])
+    results = {workload: summarize(by_name) for workload, by_name in samples.items()}
     print(format_table(results))
     print("\n'x take' = median / median of jnp.take; 'paired' = median of per-round ratios")
-    lines = verdict(results, samples, args.tolerance)
+    lines = verdict(samples, args.tolerance)
     print("\n" + "\n".join(lines))
     print(f"\ntotal {time.perf_counter() - wall:.1f} s")
-
     if args.json:
         common.write_json(
             args.json,

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import sys
@@ -60,7 +59,6 @@ os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported
 import common
 import jax
 import jax.numpy as jnp
-import jaxlib
 import keras
 import numpy as np
 import optax
@@ -73,6 +71,18 @@ STEP_TARGET = 5.0  # Keras / jaxembed train step time must be >= this
 MEMORY_TARGET = 0.25  # jaxembed step temp bytes must be <= this fraction of Keras's
 SCALING_TARGET = 1.5  # jaxembed step at the large vocab must be <= this x the small vocab's
 LEARNING_RATE = 1e-3
+# The command-line values the JSON's metadata records, in this order.
+RECORDED_ARGS = (
+    "vocab",
+    "large_vocab",
+    "dim",
+    "num_ids",
+    "rank",
+    "lora_alpha",
+    "repeats",
+    "large_keras_repeats",
+    "no_mmap_malloc",
+)
 
 
 @dataclass
@@ -270,19 +280,11 @@ def rerun_with_malloc_env(argv: list[str]) -> None:
     os.execve(sys.executable, command, {**os.environ, **NO_MMAP_MALLOC_ENV})
 
 
-def ratios(num: list[float], den: list[float]) -> dict[str, float]:
-    """num/den as the ratio of medians and as the median of per-round ratios."""
-    return {
-        "of_medians": common.ratio_of_medians(num, den),
-        "paired": common.paired_ratio(num, den),
-    }
+# ----------------------------------------------------------------------------- setup
 
 
-def mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -315,46 +317,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if min(args.vocab, args.dim, args.num_ids, args.rank, args.large_vocab) < 1:
         parser.error("--vocab, --dim, --num-ids, --rank and --large-vocab must be positive")
     if args.repeats < 2:
         parser.error("--repeats must be at least 2")
+    return args
 
-    wall = time.perf_counter()
-    if args.no_mmap_malloc:
-        rerun_with_malloc_env(argv)
-    device = jax.devices()[0]
-    tx = optax.adam(LEARNING_RATE)
-    meta = common.run_metadata(
-        vocab=args.vocab,
-        large_vocab=args.large_vocab,
-        dim=args.dim,
-        num_ids=args.num_ids,
-        rank=args.rank,
-        lora_alpha=args.lora_alpha,
-        repeats=args.repeats,
-        large_keras_repeats=args.large_keras_repeats,
-        no_mmap_malloc=args.no_mmap_malloc,
-        load_average_start=common.load_average(),
-    )
-    print(
-        f"device: {device.platform} / {device.device_kind} (x{jax.device_count()}), "
-        f"{os.cpu_count()} CPU cores visible, load average {common.load_average()} at start"
-    )
-    print(
-        f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, optax {optax.__version__}, "
-        f"keras {keras.__version__} (backend {keras.backend.backend()}), "
-        f"jaxembed {jaxembed.__version__}, python {platform.python_version()}"
-    )
-    print(
-        f"table ({args.vocab}, {args.dim}) float32, LoRA rank {args.rank}, "
-        f"lora_alpha {args.lora_alpha:g}, {args.num_ids} int32 ids, "
-        f"optax.adam({LEARNING_RATE:g}) on A and B; median per call in ms"
-        + ("; --no-mmap-malloc" if args.no_mmap_malloc else "")
-    )
 
+@dataclass
+class Bench:
+    """Everything set up before timing."""
+
+    sections: dict[str, dict[str, Candidate]]
+    """Section name -> the candidates timed round-robin against each other."""
+    compiled: dict[str, tuple[Candidate, int]]
+    """Name -> a compiled function whose memory is reported, and its vocabulary."""
+    agreement: dict[str, float]
+    compile_s: dict[str, float]
+
+
+def set_up(args: argparse.Namespace, tx: optax.GradientTransformation) -> Bench:
+    """Builds, compiles and warms every candidate, and checks that jaxembed and Keras agree."""
     small_key, large_key = jax.random.split(jax.random.key(args.seed))
     small = make_setup(small_key, args.vocab, args.dim, args.num_ids, args.rank)
     layer = keras_layer(small, args.lora_alpha, args.rank)
@@ -377,83 +361,106 @@ def main(argv: list[str] | None = None) -> int:
     large = make_setup(large_key, args.large_vocab, args.dim, args.num_ids, args.rank)
     _, large_step = jaxembed_candidates(large, args.lora_alpha, tx)
     compile_s["jaxembed step large"] = compile_and_warm(large_step)
-    large_keras_step = None
+    bench = Bench(
+        sections={
+            "forward": {"jaxembed": ours_fwd, "keras": keras_fwd},
+            "train step": {"jaxembed": ours_step, "keras": keras_step},
+            "scaling": {f"V={args.vocab}": ours_step, f"V={args.large_vocab}": large_step},
+        },
+        compiled={
+            **{name: (c, args.vocab) for name, c in small.candidates.items()},
+            "jaxembed step large": (large_step, args.large_vocab),
+        },
+        agreement=agreement,
+        compile_s=compile_s,
+    )
     if args.large_keras_repeats > 0:
         large_layer = keras_layer(large, args.lora_alpha, args.rank)
         _, large_keras_step = keras_candidates(large_layer, large, tx)
         compile_s["keras step large"] = compile_and_warm(large_keras_step)
+        bench.sections["keras large"] = {"keras": large_keras_step}
+        bench.compiled["keras step large"] = (large_keras_step, args.large_vocab)
+    return bench
 
-    sections = {
-        "forward": {"jaxembed": ours_fwd, "keras": keras_fwd},
-        "train step": {"jaxembed": ours_step, "keras": keras_step},
-        "scaling": {f"V={args.vocab}": ours_step, f"V={args.large_vocab}": large_step},
-    }
-    if large_keras_step is not None:
-        sections["keras large"] = {"keras": large_keras_step}
-    print(f"set up and compiled in {time.perf_counter() - wall:.1f} s; timing...")
+
+# ----------------------------------------------------------------------------- measure
+
+
+def measure(bench: Bench, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Per-call seconds and minor page faults, {section: {candidate: samples}}."""
     samples, faults = {}, {}
-    for section, candidates in sections.items():
+    for section, candidates in bench.sections.items():
         rounds = args.large_keras_repeats if section == "keras large" else args.repeats
         samples[section], faults[section] = common.time_round_robin(candidates, rounds)
+    return samples, faults
 
-    results: dict[str, Any] = {
-        section: {name: stats(times, faults[section][name]) for name, times in by_name.items()}
-        for section, by_name in samples.items()
-    }
-    forward_ratio = ratios(samples["forward"]["keras"], samples["forward"]["jaxembed"])
-    step_ratio = ratios(samples["train step"]["keras"], samples["train step"]["jaxembed"])
-    scaling_ratio = ratios(
-        samples["scaling"][f"V={args.large_vocab}"], samples["scaling"][f"V={args.vocab}"]
-    )
-    mem = {
-        "jaxembed forward": memory(ours_fwd),
-        "keras forward": memory(keras_fwd),
-        "jaxembed step": memory(ours_step),
-        "keras step": memory(keras_step),
-        "jaxembed step large": memory(large_step),
-    }
-    if large_keras_step is not None:
-        mem["keras step large"] = memory(large_keras_step)
-    vd_counts = {
-        "jaxembed forward": vd_ops(ours_fwd, args.vocab, args.dim),
-        "keras forward": vd_ops(keras_fwd, args.vocab, args.dim),
-        "jaxembed step": vd_ops(ours_step, args.vocab, args.dim),
-        "keras step": vd_ops(keras_step, args.vocab, args.dim),
-        "jaxembed step large": vd_ops(large_step, args.large_vocab, args.dim),
-    }
-    if large_keras_step is not None:
-        vd_counts["keras step large"] = vd_ops(large_keras_step, args.large_vocab, args.dim)
-    vd_bytes = args.vocab * args.dim * 4
-    large_vd_bytes = args.large_vocab * args.dim * 4
-    mem_ratio = mem["jaxembed step"]["temp"] / max(mem["keras step"]["temp"], 1)
 
-    # ---- report ----
-    header = (
-        f"{'section / candidate':<28} {'median ms':>10} {'p25-p75 ms':>16} {'min ms':>9} "
-        f"{'n':>4} {'faults/call':>12}"
-    )
-    rows = [header, "-" * len(header)]
+def summarize(
+    bench: Bench, samples: dict, faults: dict, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The figures reported: timing statistics, ratios, compiled memory and V x D ops."""
+    forward, step, scaling = samples["forward"], samples["train step"], samples["scaling"]
+    return {
+        "results": {
+            section: {name: stats(times, faults[section][name]) for name, times in by_name.items()}
+            for section, by_name in samples.items()
+        },
+        "ratios": {
+            "forward_keras_over_jaxembed": common.ratios(forward["keras"], forward["jaxembed"]),
+            "step_keras_over_jaxembed": common.ratios(step["keras"], step["jaxembed"]),
+            "jaxembed_step_large_over_small": common.ratios(
+                scaling[f"V={args.large_vocab}"], scaling[f"V={args.vocab}"]
+            ),
+        },
+        "memory_bytes": {name: memory(c) for name, (c, _) in bench.compiled.items()},
+        "vd_ops": {name: vd_ops(c, v, args.dim) for name, (c, v) in bench.compiled.items()},
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def report_timings(summary: dict[str, Any], args: argparse.Namespace) -> None:
+    """The timing table and the ratios."""
+    results, ratio = summary["results"], summary["ratios"]
+    rows = []
     for section, by_name in results.items():
         for name, s in by_name.items():
-            spread = f"{s['p25_ms']:.2f}-{s['p75_ms']:.2f}"
             label = f"{section}: {name}"
             if section == "keras large":
                 label = f"scaling: keras V={args.large_vocab}"
             rows.append(
-                f"{label:<28} {s['median_ms']:>10.2f} {spread:>16} {s['min_ms']:>9.2f} "
-                f"{s['n']:>4} {s['minor_faults_per_call']:>12.0f}"
+                [
+                    label,
+                    f"{s['median_ms']:.2f}",
+                    f"{s['p25_ms']:.2f}-{s['p75_ms']:.2f}",
+                    f"{s['min_ms']:.2f}",
+                    s["n"],
+                    f"{s['minor_faults_per_call']:.0f}",
+                ]
             )
-    print("\n" + "\n".join(rows))
+    columns = [
+        ("section / candidate", "<28"),
+        ("median ms", ">10"),
+        ("p25-p75 ms", ">16"),
+        ("min ms", ">9"),
+        ("n", ">4"),
+        ("faults/call", ">12"),
+    ]
+    print("\n" + common.format_table(columns, rows))
     print(
-        f"\nKeras / jaxembed: forward {forward_ratio['of_medians']:.2f}x "
-        f"(paired {forward_ratio['paired']:.2f}x), train step {step_ratio['of_medians']:.2f}x "
-        f"(paired {step_ratio['paired']:.2f}x)"
+        f"\nKeras / jaxembed: forward {common.format_ratio(ratio['forward_keras_over_jaxembed'])}"
+        f", train step {common.format_ratio(ratio['step_keras_over_jaxembed'])}"
     )
     print(
         f"jaxembed step V={args.large_vocab} / V={args.vocab}: "
-        f"{scaling_ratio['of_medians']:.2f}x (paired {scaling_ratio['paired']:.2f}x)"
+        f"{common.format_ratio(ratio['jaxembed_step_large_over_small'])}"
     )
-    if large_keras_step is not None:
+    if "keras large" in results:
         keras_scaling = (
             results["keras large"]["keras"]["median_ms"]
             / results["train step"]["keras"]["median_ms"]
@@ -462,21 +469,28 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"keras step at V={args.large_vocab}: skipped (--large-keras-repeats 0)")
 
-    mheader = (
-        f"{'compiled function':<22} {'temp':>12} {'temp bytes':>12} {'arguments':>12} "
-        f"{'outputs':>12} {'V x D ops':>10}"
-    )
-    mrows = [mheader, "-" * len(mheader)]
-    for name, m in mem.items():
-        mrows.append(
-            f"{name:<22} {mib(m['temp']):>12} {m['temp']:>12} {mib(m['argument']):>12} "
-            f"{mib(m['output']):>12} {vd_counts[name]:>10}"
-        )
+
+def report_memory(summary: dict[str, Any], args: argparse.Namespace) -> None:
+    """The compiled-memory table."""
+    mem, vd_counts = summary["memory_bytes"], summary["vd_ops"]
+    columns = [
+        ("compiled function", "<22"),
+        ("temp", ">12"),
+        ("temp bytes", ">12"),
+        ("arguments", ">12"),
+        ("outputs", ">12"),
+        ("V x D ops", ">10"),
+    ]
+    rows = [
+        [name, mib(m["temp"]), m["temp"], mib(m["argument"]), mib(m["output"]), vd_counts[name]]
+        for name, m in mem.items()
+    ]
     print(
         "\ncompiled memory (memory_analysis); 'V x D ops' = HLO instructions producing a "
         "(vocab, dim) float array"
     )
-    print("\n".join(mrows))
+    print(common.format_table(columns, rows))
+    vd_bytes, large_vd_bytes = args.vocab * args.dim * 4, args.large_vocab * args.dim * 4
     print(
         f"V*D*4 = {mib(vd_bytes)} at V={args.vocab}, {mib(large_vd_bytes)} at "
         f"V={args.large_vocab}; jaxembed step temp < V*D*4: "
@@ -484,54 +498,88 @@ def main(argv: list[str] | None = None) -> int:
         f"{mem['jaxembed step large']['temp'] < large_vd_bytes} (V={args.large_vocab})"
     )
 
-    checks: list[tuple[bool, str]] = [
-        (
-            forward_ratio["of_medians"] >= FORWARD_TARGET,
-            f"forward Keras/jaxembed >= {FORWARD_TARGET:g}x: {forward_ratio['of_medians']:.2f}x",
-        ),
-        (
-            step_ratio["of_medians"] >= STEP_TARGET,
-            f"train step Keras/jaxembed >= {STEP_TARGET:g}x: {step_ratio['of_medians']:.2f}x",
-        ),
-        (
-            mem_ratio <= MEMORY_TARGET,
-            f"train step temp memory jaxembed <= 1/{1 / MEMORY_TARGET:g} of Keras: "
-            f"{mib(mem['jaxembed step']['temp'])} vs {mib(mem['keras step']['temp'])} "
-            f"({mem_ratio:.4f})",
-        ),
-        (
-            mem["jaxembed step"]["temp"] < vd_bytes
-            and mem["jaxembed step large"]["temp"] < large_vd_bytes,
-            "jaxembed train step holds no V x D temp buffer (temp < V*D*4, both vocabs)",
-        ),
-        (
-            scaling_ratio["of_medians"] <= SCALING_TARGET,
-            f"jaxembed step V={args.large_vocab} <= {SCALING_TARGET:g}x V={args.vocab}: "
-            f"{scaling_ratio['of_medians']:.2f}x",
-        ),
-    ]
-    lines = common.verdict_lines(checks)
-    print("\n" + "\n".join(lines))
-    meta["load_average_end"] = common.load_average()
-    print(
-        f"\ntotal {time.perf_counter() - wall:.1f} s; load average {common.load_average()} at end"
+
+def verdict(summary: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """A PASS/FAIL line per target (module docstring), then the VERDICT line."""
+    forward = summary["ratios"]["forward_keras_over_jaxembed"]["of_medians"]
+    step = summary["ratios"]["step_keras_over_jaxembed"]["of_medians"]
+    scaling = summary["ratios"]["jaxembed_step_large_over_small"]["of_medians"]
+    ours, theirs = summary["memory_bytes"]["jaxembed step"], summary["memory_bytes"]["keras step"]
+    ours_large = summary["memory_bytes"]["jaxembed step large"]
+    mem_ratio = ours["temp"] / max(theirs["temp"], 1)
+    return common.verdict_lines(
+        [
+            (
+                forward >= FORWARD_TARGET,
+                f"forward Keras/jaxembed >= {FORWARD_TARGET:g}x: {forward:.2f}x",
+            ),
+            (
+                step >= STEP_TARGET,
+                f"train step Keras/jaxembed >= {STEP_TARGET:g}x: {step:.2f}x",
+            ),
+            (
+                mem_ratio <= MEMORY_TARGET,
+                f"train step temp memory jaxembed <= 1/{1 / MEMORY_TARGET:g} of Keras: "
+                f"{mib(ours['temp'])} vs {mib(theirs['temp'])} ({mem_ratio:.4f})",
+            ),
+            (
+                ours["temp"] < args.vocab * args.dim * 4
+                and ours_large["temp"] < args.large_vocab * args.dim * 4,
+                "jaxembed train step holds no V x D temp buffer (temp < V*D*4, both vocabs)",
+            ),
+            (
+                scaling <= SCALING_TARGET,
+                f"jaxembed step V={args.large_vocab} <= {SCALING_TARGET:g}x V={args.vocab}: "
+                f"{scaling:.2f}x",
+            ),
+        ]
     )
 
+
+def describe(args: argparse.Namespace) -> dict[str, Any]:
+    """Prints what runs where; returns the run's metadata."""
+    meta = common.run_metadata(
+        **{name: getattr(args, name) for name in RECORDED_ARGS},
+        load_average_start=common.load_average(),
+    )
+    print("\n".join(common.header_lines(meta, common.LIBRARIES, load=meta["load_average_start"])))
+    print(
+        f"table ({args.vocab}, {args.dim}) float32, LoRA rank {args.rank}, "
+        f"lora_alpha {args.lora_alpha:g}, {args.num_ids} int32 ids, "
+        f"optax.adam({LEARNING_RATE:g}) on A and B; median per call in ms"
+        + ("; --no-mmap-malloc" if args.no_mmap_malloc else "")
+    )
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    wall = time.perf_counter()
+    if args.no_mmap_malloc:
+        rerun_with_malloc_env(argv)
+    tx = optax.adam(LEARNING_RATE)
+    meta = describe(args)
+
+    bench = set_up(args, tx)
+    print(f"set up and compiled in {time.perf_counter() - wall:.1f} s; timing...")
+    samples, faults = measure(bench, args)
+
+    summary = summarize(bench, samples, faults, args)
+    report_timings(summary, args)
+    report_memory(summary, args)
+    lines = verdict(summary, args)
+    print("\n" + "\n".join(lines))
+    meta["load_average_end"] = end_load = common.load_average()
+    print(f"\ntotal {time.perf_counter() - wall:.1f} s; load average {end_load} at end")
     if args.json:
         common.write_json(
             args.json,
             {
                 "meta": meta,
-                "agreement": agreement,
-                "compile_s": compile_s,
-                "results": results,
-                "ratios": {
-                    "forward_keras_over_jaxembed": forward_ratio,
-                    "step_keras_over_jaxembed": step_ratio,
-                    "jaxembed_step_large_over_small": scaling_ratio,
-                },
-                "memory_bytes": mem,
-                "vd_ops": vd_counts,
+                "agreement": bench.agreement,
+                "compile_s": bench.compile_s,
+                **summary,
                 "verdict": lines,
                 "samples_ms": common.scaled_samples(samples, "ms"),
                 "minor_faults_per_call": faults,

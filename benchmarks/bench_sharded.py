@@ -54,8 +54,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse
 import contextlib
+import dataclasses
 import math
-import platform
 import re
 import statistics
 import sys
@@ -65,45 +65,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import common
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxembed
+from jaxembed import _hlo
 
 LAYOUTS = {"vocab": P("model", None), "dim": P(None, "model"), "both": P("model", "data")}
 KINDS = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
 VARIANTS = ("full", "lora", "vp", "lora_vp", "flax")
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 SHORT = {
     "all-gather": "AG",
     "all-reduce": "AR",
     "reduce-scatter": "RS",
     "all-to-all": "A2A",
     "collective-permute": "CP",
-}
-DTYPE_BYTES = {
-    "pred": 1,
-    "s8": 1,
-    "u8": 1,
-    "bf16": 2,
-    "f16": 2,
-    "s16": 2,
-    "u16": 2,
-    "f32": 4,
-    "s32": 4,
-    "u32": 4,
-    "f64": 8,
-    "s64": 8,
-    "u64": 8,
-    "c64": 8,
-}
+}  # the collectives counted, in _hlo.COLLECTIVE_OPS's order, as the tables name them
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "jaxembed")  # the versions reported
 LEARNING_RATE = 1e-3
 MiB = 2**20
 MEMORY = ("argument", "output", "alias", "temp")  # the memory_analysis() figures reported
@@ -168,70 +151,6 @@ def train_step(loss: Callable, tx: optax.GradientTransformation, frozen: bool) -
     return lambda trainable, opt_state, ids: update(trainable, opt_state, ids)
 
 
-# ----------------------------------------------------------------------------- HLO analysis
-
-
-def shape_bytes(shapes: str) -> int:
-    """Bytes of every array shape (`f32[8,128]`) in an HLO result type, tuples included."""
-    total = 0
-    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shapes):
-        size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-        total += size * DTYPE_BYTES.get(dtype, 4)
-    return total
-
-
-def group_size(line: str) -> int | None:
-    """Devices per replica group of one collective instruction (None if not parsed)."""
-    found = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)
-    if found:  # replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}
-        sizes = {k: int(v) for k, v in re.findall(r"'(\w+)'=(\d+)", found.group(1))}
-        return math.prod(sizes[name] for name in re.findall(r"'(\w+)'", found.group(2)))
-    found = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
-    if found:  # iota form [groups, size]<=[...]
-        return int(found.group(2))
-    found = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
-    if found:  # explicit groups {{0,1,2,3},{4,5,6,7}}
-        return len(found.group(1).split(","))
-    return None  # collective-permute (source_target_pairs) and unknown forms
-
-
-COLLECTIVE_RE = re.compile(
-    r"=\s*(\([^)]*\)|[a-z]+\d*\[[\d,]*\](?:\{[^}]*\})?)\s+"
-    r"(" + "|".join(COLLECTIVES) + r")(-done)?\("
-)
-
-
-def collectives(hlo_text: str) -> list[dict[str, Any]]:
-    """Every collective instruction of a compiled module (async pairs counted once, at -done)."""
-    found = []
-    for line in hlo_text.splitlines():
-        match = COLLECTIVE_RE.search(line)
-        if match is None:
-            continue
-        result, op = match.group(1), match.group(2)
-        shapes = [f"{d}[{s}]" for d, s in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", result)]
-        found.append(
-            {
-                "op": op,
-                "shapes": shapes,
-                "bytes": shape_bytes(result),
-                "group_size": group_size(line),
-            }
-        )
-    return found
-
-
-def axis_of_group(size: int | None, mesh_shape: dict[str, int]) -> str:
-    if size is None:
-        return "?"
-    if size == 1:
-        return "1 device (a no-op)"
-    if size == math.prod(mesh_shape.values()) and all(s > 1 for s in mesh_shape.values()):
-        return "all"
-    names = [name for name, s in mesh_shape.items() if s == size]
-    return names[0] if len(names) == 1 else f"{size} devices"
-
-
 # ----------------------------------------------------------------------------- variants
 
 
@@ -248,7 +167,7 @@ class Variant:
     mesh: Any = None
     reference: str = "full"
     memory: dict[str, int] = field(default_factory=dict)
-    collectives: list[dict[str, Any]] = field(default_factory=list)
+    collectives: list[_hlo.Collective] = field(default_factory=list)
     loss: float = float("nan")
     loss_error: float = float("nan")
     param_error: float = float("nan")
@@ -343,7 +262,7 @@ def build_variant(
         return variant
     variant.compiled, variant.state, variant.static_args = compiled, (trainable, opt_state), static
     variant.memory = common.memory_bytes(compiled, MEMORY)
-    variant.collectives = collectives(compiled.as_text())
+    variant.collectives = _hlo.collectives(compiled.as_text())
     return variant
 
 
@@ -409,75 +328,96 @@ def check(variant: Variant, reference: dict[str, Any], rtol: float, param_atol: 
 
 
 def counts(variant: Variant) -> dict[str, int]:
-    return {op: sum(c["op"] == op for c in variant.collectives) for op in COLLECTIVES}
+    return {op: sum(c.op == op for c in variant.collectives) for op in _hlo.COLLECTIVE_OPS}
 
 
-def full_table_gathered(variant: Variant, args) -> bool:
-    whole = {f"[{args.vocab},{args.dim}]", f"[{args.vocab},{args.lora_rank}]"}
+def full_table_gathered(variant: Variant, args: argparse.Namespace) -> bool:
+    """Whether an all-gather of the step results in a whole table or a whole LoRA A."""
+    wholes = [(args.vocab, args.dim), (args.vocab, args.lora_rank)]
     return any(
-        c["op"] == "all-gather" and any(s[s.index("[") :] in whole for s in c["shapes"])
+        c.op == "all-gather" and any(c.has_shape(whole) for whole in wholes)
         for c in variant.collectives
     )
 
 
-def summary_row(variant: Variant, args) -> dict[str, Any]:
+def summary_row(variant: Variant, args: argparse.Namespace) -> dict[str, Any]:
+    """A variant's figures, for the JSON output."""
+    row = {"variant": variant.name, "kind": variant.kind, "status": variant.status}
     if variant.status != "ok":
-        return {
-            "variant": variant.name,
-            "kind": variant.kind,
-            "status": variant.status,
-            "error": variant.error,
-        }
+        return {**row, "error": variant.error}
     return {
-        "variant": variant.name,
-        "kind": variant.kind,
-        "status": "ok",
+        **row,
         "loss": variant.loss,
         "loss_abs_error": variant.loss_error,
         "param_max_abs_error": variant.param_error,
         "memory_bytes": variant.memory,
         "collective_counts": counts(variant),
-        "collective_bytes": sum(c["bytes"] for c in variant.collectives),
+        "collective_bytes": sum(c.nbytes for c in variant.collectives),
         "full_table_all_gather": full_table_gathered(variant, args),
-        "collectives": variant.collectives,
+        "collectives": [dataclasses.asdict(c) for c in variant.collectives],
         "median_step_s": statistics.median(variant.times) if variant.times else None,
         "step_times_s": variant.times,
     }
 
 
-def format_table(variants: list[Variant], references: dict, args) -> str:
-    header = (
-        f"{'variant':<36} {'mesh':<8} {'|dloss|':>8} {'arg':>6} {'out':>6} {'alias':>6} "
-        f"{'temp':>6}  {'AG':>2} {'AR':>2} {'RS':>2} {'A2A':>3} {'CP':>2} "
-        f"{'coll MiB':>8} {'full AG':>7} {'step ms':>8}"
-    )
-    lines = [header, "-" * len(header)]
-    for key in ("full", "lora"):
-        m = references[key]["memory"]
-        name = "1 device, unsharded (reference)" if key == "full" else "  ... its LoRA step"
-        lines.append(
-            f"{name:<36} {'-':<8} {'-':>8} {m['argument'] / MiB:>6.1f} {m['output'] / MiB:>6.1f} "
-            f"{m['alias'] / MiB:>6.1f} {m['temp'] / MiB:>6.1f}"
-        )
+def format_table(variants: list[Variant], references: dict, args: argparse.Namespace) -> str:
+    """A row per variant (and per unsharded reference step): compiled memory in MiB, the
+    collectives counted by kind and their bytes, a whole-table all-gather, the step time."""
+    columns = [
+        ("variant", "<36"),
+        ("mesh", "<8"),
+        ("|dloss|", ">8"),
+        *((name, ">6") for name in ("arg", "out", "alias", "temp")),
+        ("AG", ">3"),  # one space wider: two before it
+        ("AR", ">2"),
+        ("RS", ">2"),
+        ("A2A", ">3"),
+        ("CP", ">2"),
+        ("coll MiB", ">8"),
+        ("full AG", ">7"),
+        ("step ms", ">8"),
+    ]
+    rows: list[list[Any] | str] = []
+    for key, name in (("full", "1 device, unsharded (reference)"), ("lora", "  ... its LoRA step")):
+        rows.append([name, "-", "-", *mib_cells(references[key]["memory"])])
     for v in variants:
         if v.status != "ok":
-            lines.append(f"{v.name:<36} {v.kind:<8} fails with {v.error.split(':')[0]}")
+            rows.append(f"{v.name:<36} {v.kind:<8} fails with {v.error.split(':')[0]}")
             continue
-        c = counts(v)
-        m = v.memory
-        step = f"{statistics.median(v.times) * 1e3:.0f}" if v.times else "-"
-        lines.append(
-            f"{v.name:<36} {v.kind:<8} {v.loss_error:>8.1e} {m['argument'] / MiB:>6.1f} "
-            f"{m['output'] / MiB:>6.1f} {m['alias'] / MiB:>6.1f} {m['temp'] / MiB:>6.1f}  "
-            f"{c['all-gather']:>2} {c['all-reduce']:>2} {c['reduce-scatter']:>2} "
-            f"{c['all-to-all']:>3} {c['collective-permute']:>2} "
-            f"{sum(x['bytes'] for x in v.collectives) / MiB:>8.2f} "
-            f"{'YES' if full_table_gathered(v, args) else 'no':>7} {step:>8}"
+        rows.append(
+            [
+                v.name,
+                v.kind,
+                f"{v.loss_error:.1e}",
+                *mib_cells(v.memory),
+                *counts(v).values(),
+                f"{sum(c.nbytes for c in v.collectives) / MiB:.2f}",
+                "YES" if full_table_gathered(v, args) else "no",
+                f"{statistics.median(v.times) * 1e3:.0f}" if v.times else "-",
+            ]
         )
-    return "\n".join(lines)
+    return common.format_table(columns, rows)
+
+
+def mib_cells(memory: dict[str, int]) -> list[str]:
+    """The MEMORY figures in MiB, one decimal."""
+    return [f"{memory[name] / MiB:.1f}" for name in MEMORY]
+
+
+def axis_of_group(size: int | None, mesh_shape: dict[str, int]) -> str:
+    """The mesh axis (or "all") a replica group of `size` devices spans, in words."""
+    if size is None:
+        return "?"
+    if size == 1:
+        return "1 device (a no-op)"
+    if size == math.prod(mesh_shape.values()) and all(s > 1 for s in mesh_shape.values()):
+        return "all"
+    names = [name for name, s in mesh_shape.items() if s == size]
+    return names[0] if len(names) == 1 else f"{size} devices"
 
 
 def format_collectives(variants: list[Variant], mesh_shape: dict[str, int]) -> str:
+    """A line per variant: each collective's result shape(s) and the mesh axis it spans."""
     lines = []
     for v in variants:
         if v.status != "ok":
@@ -485,14 +425,39 @@ def format_collectives(variants: list[Variant], mesh_shape: dict[str, int]) -> s
             continue
         parts = []
         for c in v.collectives:
-            shapes = c["shapes"][0] if len(c["shapes"]) == 1 else f"({', '.join(c['shapes'])})"
-            if c["op"] == "collective-permute":
+            shapes = c.shapes[0] if len(c.shapes) == 1 else f"({', '.join(c.shapes)})"
+            if c.op == "collective-permute":
                 parts.append(f"CP {shapes} (device pairs)")
             else:
-                axis = axis_of_group(c["group_size"], mesh_shape)
-                parts.append(f"{SHORT[c['op']]} {shapes} over {axis}")
+                parts.append(
+                    f"{SHORT[c.op]} {shapes} over {axis_of_group(c.group_size, mesh_shape)}"
+                )
         lines.append(f"{v.name} ({v.kind}): " + ("; ".join(parts) or "none"))
     return "\n".join(lines)
+
+
+def report(
+    variants: list[Variant],
+    references: dict,
+    skipped: list[str],
+    args: argparse.Namespace,
+) -> None:
+    """The table, its legend, the skipped variants and every variant's collectives."""
+    print(
+        "\nper-device compiled memory (MiB) and collectives of the step; "
+        f"median step over {args.repeats} round-robin repeats (8 simulated devices on "
+        f"{os.cpu_count()} cores: indicative only)"
+    )
+    print(format_table(variants, references, args))
+    print(
+        "AG/AR/RS/A2A/CP: all-gather, all-reduce, reduce-scatter, all-to-all, "
+        "collective-permute count; coll MiB: bytes of their per-device result buffers; "
+        "full AG: an all-gather result of shape (vocab, dim) or (vocab, rank)"
+    )
+    for line in skipped:
+        print(f"skipped: {line}")
+    print("\ncollectives (result shape per device, mesh axis of the replica groups):")
+    print(format_collectives(variants, {"data": args.mesh[0], "model": args.mesh[1]}))
 
 
 # ----------------------------------------------------------------------------- main
@@ -505,7 +470,8 @@ def parse_mesh(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring); `variants` and `kinds` become lists."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -544,78 +510,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed of params and ids")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    variants_wanted = [v for v in args.variants.split(",") if v]
-    kinds = [k for k in args.kinds.split(",") if k]
-    if not set(variants_wanted) <= set(VARIANTS) or not set(kinds) <= set(KINDS):
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    if not set(args.variants) <= set(VARIANTS) or not set(args.kinds) <= set(KINDS):
         parser.error(f"--variants from {VARIANTS}, --kinds from {tuple(KINDS)}")
-    n_devices = math.prod(args.mesh)
-    if n_devices > jax.device_count():
+    if math.prod(args.mesh) > jax.device_count():
         parser.error(
-            f"--mesh {args.mesh} needs {n_devices} devices; {jax.device_count()} "
+            f"--mesh {args.mesh} needs {math.prod(args.mesh)} devices; {jax.device_count()} "
             "available (XLA_FLAGS=--xla_force_host_platform_device_count=N)"
         )
     if min(args.vocab, args.dim, args.batch, args.seq, args.lora_rank) < 1 or args.repeats < 0:
         parser.error("sizes must be positive and --repeats >= 0")
+    return args
 
-    mesh_shape = {"data": args.mesh[0], "model": args.mesh[1]}
-    device = jax.devices()[0]
-    meta = common.run_metadata(
-        libraries=("jax", "jaxlib", "flax", "optax", "jaxembed"),
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-        mesh=mesh_shape,
-        layout=args.layout,
-        table_spec=str(LAYOUTS[args.layout]),
-        vocab=args.vocab,
-        dim=args.dim,
-        ids_shape=[args.batch, args.seq],
-        lora_rank=args.lora_rank,
-        repeats=args.repeats,
-    )
-    load = os.getloadavg()[0]
-    meta["load_average_1min_at_start"] = load
-    print(
-        f"device: {device.platform} / {device.device_kind} (x{jax.device_count()} simulated "
-        f"by XLA_FLAGS), {os.cpu_count()} CPU cores visible, load average {load:.1f} at start"
-    )
-    print(
-        f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}, "
-        f"optax {optax.__version__}, jaxembed {jaxembed.__version__}, "
-        f"python {platform.python_version()}"
-    )
-    print(
-        f"mesh (data={args.mesh[0]}, model={args.mesh[1]}), table ({args.vocab}, {args.dim}) "
-        f"float32 sharded {LAYOUTS[args.layout]}, ids ({args.batch}, {args.seq}) int32 sharded "
-        f"P('data', None); step = tied-logits cross-entropy + grad + adam, params donated"
-    )
 
-    wall, cpu = time.perf_counter(), common.cpu_seconds()
+def set_up(args: argparse.Namespace) -> tuple[dict, dict, np.ndarray]:
+    """(params, LoRA params, ids) on the host, from the seed."""
     keys = jax.random.split(jax.random.key(args.seed), 4)
     params = jax.device_get(jaxembed.init(keys[0], args.vocab, args.dim))
     lora_params = jaxembed.enable_lora(params, keys[1], args.lora_rank)
     # A random B, so that the adapter changes the loss and its gradient reaches A.
     lora_params["lora_embeddings_b"] = 0.05 * jax.random.normal(keys[2], (args.lora_rank, args.dim))
-    lora_params = jax.device_get(lora_params)
-    ids = np.asarray(
-        jax.random.randint(keys[3], (args.batch, args.seq), 0, args.vocab, dtype=jnp.int32)
-    )
-    tx = optax.adam(LEARNING_RATE)
-    references = reference_steps(params, lora_params, ids, tx)
-    print(
-        f"unsharded one-device reference steps in {time.perf_counter() - wall:.1f} s: "
-        f"loss {references['full']['loss']:.6f} (full), {references['lora']['loss']:.6f} "
-        f"(LoRA)"
-    )
+    ids = jax.random.randint(keys[3], (args.batch, args.seq), 0, args.vocab, dtype=jnp.int32)
+    return params, jax.device_get(lora_params), np.asarray(ids)
 
+
+def build_and_check(
+    args: argparse.Namespace, params: dict, lora_params: dict, ids: np.ndarray, tx, references
+) -> tuple[list[Variant], list[str]]:
+    """Every variant wanted, on a mesh of each kind wanted, compiled and its first step checked
+    against the unsharded one; and a line per variant the layout rules out."""
     variants: list[Variant] = []
     skipped: list[str] = []
-    for kind in kinds:
+    for kind in args.kinds:
         mesh = jax.make_mesh(
             args.mesh,
             ("data", "model"),
             axis_types=(KINDS[kind],) * 2,
-            devices=jax.devices()[:n_devices],
+            devices=jax.devices()[: math.prod(args.mesh)],
         )
-        for name in variants_wanted:
+        for name in args.variants:
             if name in ("vp", "lora_vp") and LAYOUTS[args.layout][0] != "model":
                 skipped.append(
                     f"{label(name, args.lora_rank)} ({kind}): layout "
@@ -633,6 +567,61 @@ def main(argv: list[str] | None = None) -> int:
                     param_atol=1e-2 * LEARNING_RATE,
                 )
             variants.append(variant)
+    return variants, skipped
+
+
+def describe(args: argparse.Namespace) -> dict[str, Any]:
+    """Prints what runs where; returns the run's metadata."""
+    load = os.getloadavg()[0]
+    meta = common.run_metadata(
+        libraries=LIBRARIES,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        mesh={"data": args.mesh[0], "model": args.mesh[1]},
+        layout=args.layout,
+        table_spec=str(LAYOUTS[args.layout]),
+        vocab=args.vocab,
+        dim=args.dim,
+        ids_shape=[args.batch, args.seq],
+        lora_rank=args.lora_rank,
+        repeats=args.repeats,
+        load_average_1min_at_start=load,
+    )
+    header = common.header_lines(
+        meta, LIBRARIES, devices=" simulated by XLA_FLAGS", load=f"{load:.1f}"
+    )
+    print("\n".join(header))
+    print(
+        f"mesh (data={args.mesh[0]}, model={args.mesh[1]}), table ({args.vocab}, {args.dim}) "
+        f"float32 sharded {LAYOUTS[args.layout]}, ids ({args.batch}, {args.seq}) int32 sharded "
+        f"P('data', None); step = tied-logits cross-entropy + grad + adam, params donated"
+    )
+    return meta
+
+
+def time_steps(variants: list[Variant], repeats: int) -> None:
+    """Appends `repeats` round-robin step times to each variant that compiled."""
+    ok = [v for v in variants if v.status == "ok"]
+    if repeats:
+        # Keyed by position: a variant's name repeats across mesh kinds.
+        times, _ = common.time_round_robin(dict(enumerate(v.call for v in ok)), repeats)
+        for i, variant in enumerate(ok):
+            variant.times.extend(times[i])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    meta = describe(args)
+
+    wall, cpu = time.perf_counter(), common.cpu_seconds()
+    params, lora_params, ids = set_up(args)
+    tx = optax.adam(LEARNING_RATE)
+    references = reference_steps(params, lora_params, ids, tx)
+    print(
+        f"unsharded one-device reference steps in {time.perf_counter() - wall:.1f} s: "
+        f"loss {references['full']['loss']:.6f} (full), {references['lora']['loss']:.6f} "
+        f"(LoRA)"
+    )
+    variants, skipped = build_and_check(args, params, lora_params, ids, tx, references)
     ok = [v for v in variants if v.status == "ok"]
     print(
         f"compiled and checked {len(ok)} variants against the unsharded step in "
@@ -641,35 +630,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{max((v.loss_error for v in ok), default=0):.1e}, max |dparam| "
         f"{max((v.param_error for v in ok), default=0):.1e}"
     )
-    if args.repeats:
-        # Keyed by position: a variant's name repeats across mesh kinds.
-        times, _ = common.time_round_robin(dict(enumerate(v.call for v in ok)), args.repeats)
-        for i, variant in enumerate(ok):
-            variant.times.extend(times[i])
+    time_steps(variants, args.repeats)
 
+    report(variants, references, skipped, args)
+    meta.update(wall_s=time.perf_counter() - wall, process_cpu_s=common.cpu_seconds() - cpu)
     print(
-        "\nper-device compiled memory (MiB) and collectives of the step; "
-        f"median step over {args.repeats} round-robin repeats (8 simulated devices on "
-        f"{os.cpu_count()} cores: indicative only)"
-    )
-    print(format_table(variants, references, args))
-    print(
-        "AG/AR/RS/A2A/CP: all-gather, all-reduce, reduce-scatter, all-to-all, "
-        "collective-permute count; coll MiB: bytes of their per-device result buffers; "
-        "full AG: an all-gather result of shape (vocab, dim) or (vocab, rank)"
-    )
-    for line in skipped:
-        print(f"skipped: {line}")
-    print("\ncollectives (result shape per device, mesh axis of the replica groups):")
-    print(format_collectives(variants, mesh_shape))
-    total = {"wall_s": time.perf_counter() - wall, "process_cpu_s": common.cpu_seconds() - cpu}
-    meta.update(total)
-    print(
-        f"\ntotal {total['wall_s']:.1f} s wall, {total['process_cpu_s']:.1f} s CPU in this "
-        f"process ({total['process_cpu_s'] / total['wall_s']:.2f} of {os.cpu_count()} cores "
+        f"\ntotal {meta['wall_s']:.1f} s wall, {meta['process_cpu_s']:.1f} s CPU in this "
+        f"process ({meta['process_cpu_s'] / meta['wall_s']:.2f} of {os.cpu_count()} cores "
         "on average; less means they were shared or waited on)"
     )
-
     if args.json:
         common.write_json(
             args.json,

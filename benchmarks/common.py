@@ -1,9 +1,10 @@
 """Helpers shared by the benchmark scripts of this folder.
 
 Round-robin timing, quartile summaries and ratios of timing samples, the run metadata
-of `--json`, process counters (load average, CPU seconds, minor page faults) and the verdict
-lines. The scripts are run as `python benchmarks/bench_X.py`, which puts this folder first on
-`sys.path`, so they import this module as `common`.
+of `--json`, process counters (load average, CPU seconds, minor page faults), and the report:
+the header lines, plain-text tables, ratio texts, verdict lines and the JSON file. The scripts
+are run as `python benchmarks/bench_X.py`, which puts this folder first on `sys.path`, so they
+import this module as `common`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -97,6 +99,16 @@ def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
+def ratios(num: Sequence[float], den: Sequence[float]) -> dict[str, float]:
+    """num/den as the ratio of medians and as the median of per-round ratios."""
+    return {"of_medians": ratio_of_medians(num, den), "paired": paired_ratio(num, den)}
+
+
+def format_ratio(ratio: Mapping[str, float]) -> str:
+    """A `ratios` result as text: `2.51x (paired 2.47x)`."""
+    return f"{ratio['of_medians']:.2f}x (paired {ratio['paired']:.2f}x)"
+
+
 def scaled_samples(
     samples: Mapping[str, Mapping[str, Sequence[float]]], unit: str
 ) -> dict[str, dict[str, list[float]]]:
@@ -118,6 +130,57 @@ def memory_bytes(compiled: Any, names: Iterable[str]) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def library_versions(libraries: Sequence[str]) -> dict[str, str]:
+    """`{name: __version__}` of those of `libraries` that are importable, in their order."""
+    versions = {}
+    for name in libraries:
+        try:
+            versions[name] = importlib.import_module(name).__version__
+        except ImportError:
+            continue
+    return versions
+
+
+def header_lines(
+    meta: Mapping[str, Any], libraries: Sequence[str], *, devices: str = "", load: str = ""
+) -> list[str]:
+    """The two lines a script's output starts with, from its `run_metadata`: the device (with
+    `devices`, a note on their count), the CPU cores and the `load` average at start if given;
+    then the versions of `libraries` (Keras's with its backend) and Python."""
+    device = (
+        f"device: {meta['device_platform']} / {meta['device_kind']} "
+        f"(x{meta['device_count']}{devices}), {meta['cpu_count']} CPU cores visible"
+    )
+    if load:
+        device += f", load average {load} at start"
+    backend = f" (backend {sys.modules['keras'].backend.backend()})" if "keras" in meta else ""
+    versions = [
+        f"{name} {meta[name]}{backend if name == 'keras' else ''}"
+        for name in libraries
+        if name in meta
+    ]
+    return [device, ", ".join([*versions, f"python {meta['python']}"])]
+
+
+def format_table(columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[Any] | str]) -> str:
+    """A plain-text table: the header, a rule as wide as it, then a line per row.
+
+    `columns` are (title, format spec) pairs, e.g. `("median ms", ">10")`; each cell is
+    formatted with its column's spec (format it to text first for a precision: `f"{x:.2f}"`)
+    and the cells are joined by single spaces. A row shorter than the columns leaves the last
+    ones out; a row given as one string is a line of its own (a variant that failed, say).
+    """
+    header = " ".join(f"{title:{spec}}" for title, spec in columns)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        if isinstance(row, str):
+            lines.append(row)
+            continue
+        cells = zip(row, (spec for _, spec in columns), strict=False)
+        lines.append(" ".join(f"{cell:{spec}}" for cell, spec in cells))
+    return "\n".join(lines)
 
 
 def verdict_lines(checks: Sequence[tuple[bool, str]]) -> list[str]:
@@ -143,12 +206,7 @@ def run_metadata(libraries: Sequence[str] = LIBRARIES, **extra: Any) -> dict[str
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }
-    for name in libraries:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        meta[name] = module.__version__
+    meta.update(library_versions(libraries))
     meta.update(extra)
     return meta
 

@@ -38,7 +38,6 @@ import argparse
 import functools
 import json
 import pathlib
-import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -50,6 +49,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxembed
+from jaxembed import _hlo  # reads collectives from compiled HLO (private tooling, not API)
 
 AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 PARAM_SPECS = {
@@ -142,25 +142,13 @@ def shard_shape(x: jax.Array) -> tuple[int, ...]:
 
 
 def collectives(compiled_text: str) -> list[tuple[str, str]]:
-    """(op, result shape) for every collective in compiled HLO text.
-
-    Async ops (`all-gather-start`, on GPUs and TPUs) return a tuple whose shapes are all
-    listed, the operand's included, so a search for the full table errs on the safe side.
-    """
-    found = []
-    for match in re.finditer(
-        r"= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-        r"(?:-start)?\(",
-        compiled_text,
-    ):
-        for shape in re.findall(r"\w+\[[\d,]*\]", match.group(1)):
-            found.append((match.group(2), shape))
-    return found
+    """(op, result shape) for every collective of a compiled program, a pair per result."""
+    return [(c.op, shape) for c in _hlo.collectives(compiled_text) for shape in c.shapes]
 
 
-def all_gathered_shapes(compiled_text: str) -> list[str]:
-    """Result shapes of every all-gather in compiled HLO text."""
-    return [shape for op, shape in collectives(compiled_text) if op == "all-gather"]
+def listing(found: list[tuple[str, str]]) -> str:
+    """The distinct (op, shape) pairs as one line: "all-reduce f32[8,64], ..."."""
+    return ", ".join(f"{op} {shape}" for op, shape in sorted(set(found))) or "none"
 
 
 def cycle_batches(
@@ -203,26 +191,27 @@ def check_step_collectives(
     and checks, as a control, that the same search finds one made on purpose."""
     vocab, dim = table.shape
     found = collectives(compiled_text)
-    gathered = all_gathered_shapes(compiled_text)
     full_table, full_a = f"f32[{vocab},{dim}]", f"f32[{vocab},{rank}]"  # as HLO spells them
-    listed = ", ".join(f"{op} {shape}" for op, shape in sorted(set(found))) or "none"
-    print(f"Collectives in the compiled step: {listed}")
+    table_gathered = _hlo.all_gathers(compiled_text, (vocab, dim))
+    a_gathered = _hlo.all_gathers(compiled_text, (vocab, rank))
+    print(f"Collectives in the compiled step: {listing(found)}")
     print(
-        f"  all-gather of the whole table {full_table}: {full_table in gathered}; "
-        f"of the whole A {full_a}: {full_a in gathered}"
+        f"  all-gather of the whole table {full_table}: {table_gathered}; "
+        f"of the whole A {full_a}: {a_gathered}"
     )
-    control = all_gathered_shapes(jax.jit(replicate).lower(table).compile().as_text())
-    control_detected = full_table in control if model > 1 else None  # nothing to gather else
+    control = _hlo.compiled_text(replicate, table)
+    # With a single "model" device the table is whole already: nothing to gather.
+    control_detected = _hlo.all_gathers(control, (vocab, dim)) if model > 1 else None
     print(
         f"  control, a deliberate reshard to replicated, found by the same search: "
         f"{control_detected}"
     )
     return {
         "collectives": [list(item) for item in found],
-        "all_gathered_shapes": gathered,
+        "all_gathered_shapes": _hlo.all_gathered_shapes(compiled_text),
         "full_table_shape": full_table,
-        "table_all_gathered": full_table in gathered,
-        "lora_a_all_gathered": full_a in gathered,
+        "table_all_gathered": table_gathered,
+        "lora_a_all_gathered": a_gathered,
         "control_gather_detected": control_detected,
     }
 
@@ -246,13 +235,14 @@ def check_vocab_parallel(
     expected = np.asarray(reference(params, tokens))
     diff = float(np.abs(np.asarray(out) - expected).max())
     equal = bool(np.allclose(out, expected, rtol=1e-6, atol=1e-6))
-    found = collectives(vocab_parallel.lower(params, tokens).compile().as_text())
+    found = collectives(_hlo.compiled_text(vocab_parallel, params, tokens))
     print(
         f"\nvocab_parallel_apply vs apply on the last batch: max |diff| {diff:.2e}, "
         f"equal: {equal}; output {out.shape} {out.sharding.spec}"
     )
-    listed = ", ".join(f"{op} {shape}" for op, shape in sorted(set(found))) or "none"
-    print(f"  its collectives: {listed} (table rows and A's rank-r rows, summed over 'model')")
+    print(
+        f"  its collectives: {listing(found)} (table rows and A's rank-r rows, summed over 'model')"
+    )
     return {
         "vocab_parallel_max_abs_diff": diff,
         "vocab_parallel_equal": equal,
@@ -376,9 +366,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 return jax.sharding.reshard(table, P(None, None)) * 2
             return jax.lax.with_sharding_constraint(table, P(None, None)) * 2
 
-        compiled_text = step_fn.lower(*first_args).compile().as_text()
         gather_results = check_step_collectives(
-            compiled_text, replicate, tuned["embeddings"], rank, model
+            _hlo.compiled_text(step_fn, *first_args), replicate, tuned["embeddings"], rank, model
         )
         parallel_results = check_vocab_parallel(tuned, tokens, mesh, alpha)
 

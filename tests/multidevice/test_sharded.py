@@ -1,11 +1,12 @@
 """Sharded tables on 8 simulated CPU devices: every result equals the unsharded one.
 
-Run through tests/test_sharding.py, which starts this in a process with
-XLA_FLAGS=--xla_force_host_platform_device_count=8.
+Its own pytest invocation, `pytest tests/multidevice`: conftest.py asks XLA for the devices.
+The factors (mesh shape, axis types, table layout, LoRA) are covered pairwise: every pair of
+values of any two factors meets in some case, which `test_cases_cover_every_pair` checks.
 """
 
 import functools
-import re
+import itertools
 
 import chex
 import flax.linen as nn
@@ -20,13 +21,15 @@ from jax.sharding import PartitionSpec as P
 
 import jaxembed
 import jaxembed.nnx
+from jaxembed import _hlo
 
-assert jax.device_count() == 8, "run through tests/test_sharding.py (8 simulated devices)"
+assert jax.device_count() == 8, "run as `pytest tests/multidevice` (its conftest makes 8 devices)"
 
 V, D, RANK = 64, 16, 4
-MESH_SHAPES = [(1, 8), (2, 4), (8, 1)]
+MESH_SHAPES = {"1x8": (1, 8), "2x4": (2, 4), "8x1": (8, 1)}
 AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 TABLE_SPECS = {"vocab": P("model", None), "dim": P(None, "model"), "both": P("model", "data")}
+LORA = {"plain": False, "lora": True}
 RULES = {
     "vocab": [("vocab", "model"), ("embed", None)],
     "dim": [("vocab", None), ("embed", "model")],
@@ -60,26 +63,59 @@ IDS = (jnp.arange(8 * 6).reshape(8, 6) * 7) % V
 QUERY = jax.random.normal(jax.random.key(5), (8, 3, D))
 
 
-def all_gathered_shapes(compiled_text):
-    """Result shapes of every all-gather in compiled HLO text (GPU/TPU's async
-    `all-gather-start` returns a tuple whose last element is the gathered array)."""
-    sync = re.findall(r"= (\w+\[[\d,]*\])[^=]*? all-gather\(", compiled_text)
-    started = re.findall(r"= \(.*?(\w+\[[\d,]*\])[^\[]*\) all-gather-start\(", compiled_text)
-    return sync + started
+# Pairwise covering sets, "mesh-kind-layout-lora": 9 cases for the 36 of the full product.
+LOOKUP_CASES = [
+    "1x8-explicit-vocab-plain",
+    "1x8-auto-dim-lora",
+    "1x8-explicit-both-lora",
+    "2x4-auto-vocab-lora",
+    "2x4-explicit-dim-plain",
+    "2x4-explicit-both-lora",
+    "8x1-explicit-vocab-lora",
+    "8x1-explicit-dim-lora",
+    "8x1-auto-both-plain",
+]
+# "mesh-kind-lora" (the table is vocab-parallel): 6 cases for 12.
+VOCAB_PARALLEL_CASES = [
+    "1x8-explicit-plain",
+    "1x8-auto-lora",
+    "2x4-explicit-lora",
+    "2x4-auto-plain",
+    "8x1-explicit-lora",
+    "8x1-auto-plain",
+]
 
-
-cases = pytest.mark.parametrize("shape", MESH_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+cases = pytest.mark.parametrize("shape", list(MESH_SHAPES.values()), ids=list(MESH_SHAPES))
 kinds = pytest.mark.parametrize("kind", list(AXIS_TYPES))
 layouts = pytest.mark.parametrize("layout", list(TABLE_SPECS))
 
 
-@cases
-@kinds
-@layouts
-@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
-def test_lookup_gradient_and_attend_equal_unsharded(shape, kind, layout, lora):
+@pytest.mark.parametrize(
+    "covering, factors",
+    [
+        (LOOKUP_CASES, [MESH_SHAPES, AXIS_TYPES, TABLE_SPECS, LORA]),
+        (VOCAB_PARALLEL_CASES, [MESH_SHAPES, AXIS_TYPES, LORA]),
+    ],
+    ids=["lookup", "vocab_parallel"],
+)
+def test_cases_cover_every_pair(covering, factors):
+    rows = [case.split("-") for case in covering]
+    assert all(v in factor for row in rows for v, factor in zip(row, factors, strict=True))
+    uncovered = [
+        (a, b)
+        for (i, first), (j, second) in itertools.combinations(enumerate(factors), 2)
+        for a, b in itertools.product(first, second)
+        if not any(row[i] == a and row[j] == b for row in rows)
+    ]
+    assert not uncovered
+
+
+@pytest.mark.parametrize("case", LOOKUP_CASES)
+def test_lookup_gradient_and_attend_equal_unsharded(case):
+    mesh_name, kind, layout, lora = case.split("-")
+    shape = MESH_SHAPES[mesh_name]
     mesh = make_mesh(shape, kind)
-    params = reference_params(lora)
+    params = reference_params(LORA[lora])
     sharded = shard_params(params, mesh, layout)
     ids = jax.device_put(IDS, NamedSharding(mesh, P("data", None)))
     query = jax.device_put(QUERY, NamedSharding(mesh, P("data", None, None)))
@@ -119,14 +155,10 @@ def test_no_all_gather_of_the_table(shape, kind):
 
         return jax.grad(loss)(p)
 
-    for fn, args in [
-        (step, (sharded, ids)),
-        (functools.partial(jaxembed.attend), (sharded, query)),
-    ]:
-        text = jax.jit(fn).lower(*args).compile().as_text()
-        gathered = all_gathered_shapes(text)
-        assert f"f32[{V},{D}]" not in gathered, gathered
-        assert f"f32[{V},{RANK}]" not in gathered, gathered
+    for fn, args in [(step, (sharded, ids)), (jaxembed.attend, (sharded, query))]:
+        text = _hlo.compiled_text(fn, *args)
+        for whole in [(V, D), (V, RANK)]:  # the table, LoRA's A
+            assert not _hlo.all_gathers(text, whole), _hlo.all_gathered_shapes(text)
 
     # Control: gathering the table on purpose shows up in the same search.
     def replicate(p):
@@ -135,8 +167,8 @@ def test_no_all_gather_of_the_table(shape, kind):
             return jax.sharding.reshard(p["embeddings"], replicated) * 2
         return jax.lax.with_sharding_constraint(p["embeddings"], replicated) * 2
 
-    text = jax.jit(replicate).lower(sharded).compile().as_text()
-    assert f"f32[{V},{D}]" in all_gathered_shapes(text) or shape[1] == 1
+    text = _hlo.compiled_text(replicate, sharded)
+    assert _hlo.all_gathers(text, (V, D)) or shape[1] == 1
 
 
 @cases
@@ -152,12 +184,12 @@ def test_attend_logits_sharded_over_vocab(shape, kind):
     assert logits.addressable_shards[0].data.shape[-1] == V // shape[1]
 
 
-@cases
-@kinds
-@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
-def test_vocab_parallel_shard_map_equals_unsharded(shape, kind, lora):
+@pytest.mark.parametrize("case", VOCAB_PARALLEL_CASES)
+def test_vocab_parallel_shard_map_equals_unsharded(case):
+    mesh_name, kind, lora = case.split("-")
+    shape = MESH_SHAPES[mesh_name]
     mesh = make_mesh(shape, kind)
-    params = reference_params(lora)
+    params = reference_params(LORA[lora])
     sharded = shard_params(params, mesh, "vocab")
     all_ids = jnp.concatenate([IDS, jnp.array([[0] * 5 + [V - 1]] * 8)], axis=1)
     ids = jax.device_put(all_ids, NamedSharding(mesh, P("data", None)))
