@@ -278,6 +278,61 @@ class TestDefaultsUnderTransformations:
         assert_rows(out.reshape(-1, D), [0, None, None, 1])
 
 
+    def test_seed_example_under_jit(self):
+        layer = jaxembed.Embedding(1000, 64)
+        input_array = np.random.default_rng(0).integers(1000, size=(32, 10))
+        variables = jax.jit(layer.init)(KEY, input_array)
+        output_array = jax.jit(layer.apply)(variables, input_array)
+        chex.assert_shape(output_array, (32, 10, 64))
+        assert np.isfinite(output_array).all()
+
+    def test_linen_module_under_nn_scan(self):
+        class Steps(nn.Module):
+            @nn.compact
+            def __call__(self, carry, ids):
+                return carry, jaxembed.Embedding(V, D, weights=TABLE)(ids)
+
+        scan = nn.scan(Steps, variable_broadcast="params", split_rngs={"params": False})
+        ids = np.array([[0, 6], [9, 2]], np.int32)
+        variables = scan().init(KEY, None, ids)
+        _, out = jax.jit(scan().apply)(variables, None, ids)
+        assert_rows(out.reshape(-1, D), [0, 6, None, 2])
+
+    def test_apply_inside_shard_map(self):
+        mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        lookup = jax.shard_map(
+            functools.partial(jaxembed.apply, PARAMS),
+            mesh=mesh,
+            in_specs=jax.P("data"),
+            out_specs=jax.P("data"),
+        )
+        out = jax.jit(lookup)(np.array([1, 7], np.int32))
+        assert_rows(out, [1, None])
+
+    @pytest.mark.parametrize(
+        ("policy", "reference"),
+        [
+            (
+                "fill",
+                lambda t, i: t.at[i].get(
+                    mode="fill", fill_value=jnp.nan, wrap_negative_indices=False
+                ),
+            ),
+            ("clip", lambda t, i: t.at[jnp.clip(i, 0, V - 1)].get(mode="promise_in_bounds")),
+        ],
+    )
+    def test_fill_and_clip_cost_what_a_bare_gather_costs(self, policy, reference):
+        # The policy machinery must compile away: no more flops or bytes than the bare gather.
+        ids = np.zeros((64, 16), np.int32)
+
+        def cost(fn):
+            analysis = jax.jit(fn).lower(PARAMS["embeddings"], ids).compile().cost_analysis()
+            return np.array([analysis["flops"], analysis["bytes accessed"]])
+
+        ours = cost(lambda t, i: jaxembed.apply({"embeddings": t}, i, out_of_range=policy))
+        assert (ours <= cost(reference)).all(), (ours, cost(reference))
+
+
 class TestUnsignedIds:
     """uint8 / uint16 / uint32 / uint64 ids (the traced check overflowed on uint32, uint64)."""
 
