@@ -27,7 +27,6 @@ from jax.experimental import checkify
 from jaxembed import _checks
 
 POLICIES = ("error", "fill", "clip")
-DEFAULT = "error"
 
 
 def policy(value: Any) -> str:

@@ -20,6 +20,19 @@ import jax.numpy as jnp
 
 from jaxembed import _checks, _registry, _table, lora
 
+__all__ = [
+    "NAMES",
+    "Constraint",
+    "ConstraintLike",
+    "apply_constraint",
+    "get",
+    "max_norm",
+    "min_max_norm",
+    "non_neg",
+    "project",
+    "unit_norm",
+]
+
 Constraint: TypeAlias = Callable[[jax.Array], jax.Array]
 """`matrix -> projected matrix` of the same shape."""
 

@@ -22,6 +22,28 @@ from jax.typing import DTypeLike
 
 from jaxembed import _checks, _registry
 
+__all__ = [
+    "NAMES",
+    "Initializer",
+    "InitializerLike",
+    "constant",
+    "get",
+    "glorot_normal",
+    "glorot_uniform",
+    "he_normal",
+    "he_uniform",
+    "identity",
+    "lecun_normal",
+    "lecun_uniform",
+    "ones",
+    "orthogonal",
+    "random_normal",
+    "random_uniform",
+    "truncated_normal",
+    "variance_scaling",
+    "zeros",
+]
+
 Initializer: TypeAlias = Callable[..., jax.Array]
 """`(key, shape, dtype) -> array`, the signature of `jax.nn.initializers`."""
 

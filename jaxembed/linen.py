@@ -18,7 +18,20 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _layer, _table, constraints, functional, initializers, lora, regularizers
+from jaxembed import (
+    _config,
+    _table,
+    constraints,
+    functional,
+    initializers,
+    lora,
+    regularizers,
+)
+
+__all__ = [
+    "Embedding",
+    "losses",
+]
 
 
 class Embedding(nn.Module):
@@ -61,28 +74,18 @@ class Embedding(nn.Module):
     param_dtype: DTypeLike = jnp.float32
 
     def __post_init__(self) -> None:
-        # Fail at construction, as Keras does, not at first call.
-        _layer.check_arguments(**{name: getattr(self, name) for name in _layer.ARGUMENTS})
-        if self.weights is not None:
-            # Keep a checked read-only copy, not the caller's array: mutating theirs later must
-            # not change the table, and flax's per-call clones then skip the check.
-            weights = _table.validated_weights(
-                self.weights, self.input_dim, self.output_dim, self.param_dtype
-            )
-            object.__setattr__(self, "weights", weights)
+        config = _config.LayerConfig.of(self)  # fails here, at construction, as Keras does
+        # The checked read-only copy, not the caller's array (see LayerConfig); flax's clones
+        # (one per `apply`) then rebuild the config without a second check.
+        object.__setattr__(self, "weights", config.weights)
+        object.__setattr__(self, "_config", config)
         super().__post_init__()
 
     def setup(self) -> None:
-        init_fn = functional.table_initializer(
-            self.input_dim,
-            self.output_dim,
-            self.embeddings_initializer,
-            self.weights,
-            self.param_dtype,
-        )
+        init_fn = self._config.table_initializer()
         self.embeddings = self.param(
             "embeddings",
-            nn.with_logical_partitioning(init_fn, _layer.TABLE_AXES),
+            nn.with_logical_partitioning(init_fn, _config.TABLE_AXES),
             (self.input_dim, self.output_dim),
             self.param_dtype,
         )
@@ -93,7 +96,7 @@ class Embedding(nn.Module):
             self.adapter = {
                 name: self.param(
                     name,
-                    nn.with_logical_partitioning(draws[name], _layer.LORA_AXES[name]),
+                    nn.with_logical_partitioning(draws[name], _config.LORA_AXES[name]),
                     shapes[name],
                     _table.LORA_DTYPE,
                 )

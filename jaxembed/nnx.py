@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -25,7 +26,12 @@ from flax import nnx
 from flax.core import meta
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _layer, _paths, _table, functional, initializers, linen, lora, regularizers
+from jaxembed import _config, _paths, _table, functional, initializers, linen, lora, regularizers
+
+__all__ = [
+    "Embedding",
+    "trainable",
+]
 
 
 def _variable(kind: type[nnx.Variable], value: jax.Array, axes: tuple[Any, ...]) -> nnx.Variable:
@@ -73,41 +79,34 @@ class Embedding(nnx.Module):
         param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
-        arguments = {
-            "input_dim": input_dim,
-            "output_dim": output_dim,
-            "embeddings_initializer": embeddings_initializer,
-            "embeddings_regularizer": embeddings_regularizer,
-            "embeddings_constraint": embeddings_constraint,
-            "mask_zero": mask_zero,
-            "weights": weights,
-            "lora_rank": lora_rank,
-            "lora_alpha": lora_alpha,
-            "out_of_range": out_of_range,
-            "dtype": dtype,
-            "param_dtype": param_dtype,
-        }
-        _layer.check_arguments(**arguments)
-        # The weights live in the table; LoRA's rank is set by enable_lora. lora_alpha is kept
-        # without a rank too, as linen keeps it, for an adapter enabled later.
-        for name in set(_layer.ARGUMENTS) - {"weights", "lora_rank"}:
-            setattr(self, name, arguments[name])
-        self.lora_rank: int | None = None
-        params = functional.init(
-            rngs.params() if weights is None else None,
-            input_dim,
-            output_dim,
-            embeddings_initializer=embeddings_initializer,
-            weights=weights,
-            param_dtype=param_dtype,
+        config = _config.LayerConfig(**_config.select(locals()))
+        table = config.table_initializer()(
+            rngs.params() if weights is None else None, (input_dim, output_dim), param_dtype
         )
-        self.embeddings = _variable(nnx.Param, params["embeddings"], _layer.TABLE_AXES)
+        # The weights now live in the table and the rank in the adapter's shape (`lora_rank`),
+        # so the config keeps neither; `lora_alpha` may change with `enable_lora`.
+        self.config = dataclasses.replace(config, weights=None, lora_rank=None)
+        self.lora_alpha = config.lora_alpha
+        self.embeddings = _variable(nnx.Param, table, _config.TABLE_AXES)
         if lora_rank is not None:
-            self.enable_lora(lora_rank, lora_alpha=lora_alpha, rngs=rngs)
+            self.enable_lora(lora_rank, rngs=rngs)
+
+    def __getattr__(self, name: str) -> Any:
+        # The layer's arguments read as attributes (`layer.input_dim`), as on the linen module.
+        config = self.__dict__.get("config")
+        if config is not None and name in _config.NAMES and name != "weights":
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def lora_rank(self) -> int | None:
+        """The adapter's rank, None without an adapter (read from the adapter itself)."""
+        adapter = getattr(self, _table.LORA_A, None)
+        return None if adapter is None else int(adapter.shape[1])
 
     def params(self) -> functional.Params:
         """The layer's arrays as the plain params dict of the pure functions."""
-        params = {"embeddings": self.embeddings[...]}
+        params = {_table.EMBEDDINGS: self.embeddings[...]}
         if self.lora_rank is not None:
             params[_table.LORA_A] = self.lora_embeddings_a[...]
             params[_table.LORA_B] = self.lora_embeddings_b[...]
@@ -118,25 +117,29 @@ class Embedding(nnx.Module):
         return functional.apply(
             self.params(),
             ids,
-            dtype=self.dtype,
-            out_of_range=self.out_of_range,
+            dtype=self.config.dtype,
+            out_of_range=self.config.out_of_range,
             lora_alpha=self.lora_alpha,
         )
 
     def compute_mask(self, ids: ArrayLike) -> jax.Array | None:
         """`ids != 0` when `mask_zero`, else None."""
-        return functional.compute_mask(ids, self.mask_zero)
+        return functional.compute_mask(ids, self.config.mask_zero)
 
     def attend(self, query: ArrayLike) -> jax.Array:
         """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`."""
-        return functional.attend(self.params(), query, dtype=self.dtype, lora_alpha=self.lora_alpha)
+        return functional.attend(
+            self.params(), query, dtype=self.config.dtype, lora_alpha=self.lora_alpha
+        )
 
     def regularization_penalty(self) -> jax.Array:
         """The scalar penalty of the trainable weights (Keras's `layer.losses`); 0 if none.
 
         A training loop adds it in one line: `loss = task_loss + layer.regularization_penalty()`.
         """
-        return regularizers.regularization_penalty(self.params(), self.embeddings_regularizer)
+        return regularizers.regularization_penalty(
+            self.params(), self.config.embeddings_regularizer
+        )
 
     def enable_lora(
         self,
@@ -152,7 +155,7 @@ class Embedding(nnx.Module):
         Raises:
             ValueError: bad rank or alpha, LoRA already enabled, or an embeddings constraint.
         """
-        if self.embeddings_constraint is not None:
+        if self.config.embeddings_constraint is not None:
             raise lora.refuse_constraint("enable_lora")
         lora.check_alpha(lora_alpha)
         params = lora.enable_lora(
@@ -166,18 +169,16 @@ class Embedding(nnx.Module):
 
     def _set_adapter(self, params: functional.Params, lora_alpha: float | None) -> None:
         self.lora_embeddings_a = _variable(
-            nnx.LoRAParam, params[_table.LORA_A], _layer.LORA_AXES[_table.LORA_A]
+            nnx.LoRAParam, params[_table.LORA_A], _config.LORA_AXES[_table.LORA_A]
         )
         self.lora_embeddings_b = _variable(
-            nnx.LoRAParam, params[_table.LORA_B], _layer.LORA_AXES[_table.LORA_B]
+            nnx.LoRAParam, params[_table.LORA_B], _config.LORA_AXES[_table.LORA_B]
         )
-        self.lora_rank = int(params[_table.LORA_A].shape[1])
         if lora_alpha is not None:
             self.lora_alpha = lora_alpha
 
     def _drop_adapter(self) -> None:
         del self.lora_embeddings_a, self.lora_embeddings_b
-        self.lora_rank = None
 
     def merge_lora(self, *, safe_merge: bool = False) -> None:
         """Folds the adapter into the table (float32 sum, cast back); no adapter is left.
@@ -201,7 +202,7 @@ class Embedding(nnx.Module):
             >>> bool((module.apply(variables, jnp.arange(3)) == layer(jnp.arange(3))).all())
             True
         """
-        arguments = {name: getattr(self, name) for name in _layer.ARGUMENTS if name != "weights"}
+        arguments = self.config.arguments(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
         return linen.Embedding(**arguments), {"params": self.params()}
 
     @classmethod
@@ -229,8 +230,7 @@ class Embedding(nnx.Module):
         params = nn.unbox(variables)
         params = params.get("params", params)
         table = _table.view(params)
-        arguments = {name: getattr(module, name) for name in _layer.ARGUMENTS}
-        arguments.update(weights=table.dense(), lora_rank=None)
+        arguments = module._config.arguments(weights=table.dense(), lora_rank=None)
         layer = cls(**arguments, rngs=rngs or nnx.Rngs(0))
         if table.adapter is not None:
             layer._set_adapter(params, module.lora_alpha)

@@ -21,6 +21,18 @@ import jax.numpy as jnp
 
 from jaxembed import _checks, _registry, _table
 
+__all__ = [
+    "NAMES",
+    "Regularizer",
+    "RegularizerLike",
+    "get",
+    "l1",
+    "l1_l2",
+    "l2",
+    "orthogonal_regularizer",
+    "regularization_penalty",
+]
+
 Regularizer: TypeAlias = Callable[[jax.Array], jax.Array]
 """`matrix -> scalar penalty`."""
 

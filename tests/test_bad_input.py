@@ -277,7 +277,6 @@ class TestDefaultsUnderTransformations:
         out = jax.jit(jax.vmap(functools.partial(jaxembed.apply, PARAMS)))(ids)
         assert_rows(out.reshape(-1, D), [0, None, None, 1])
 
-
     def test_seed_example_under_jit(self):
         layer = jaxembed.Embedding(1000, 64)
         input_array = np.random.default_rng(0).integers(1000, size=(32, 10))

@@ -3,14 +3,13 @@
 import functools
 
 import chex
-import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from jax.experimental import checkify
+from strategies import id_arrays
 
 import jaxembed
 
@@ -165,13 +164,7 @@ class TestApply:
         expected[1], expected[4] = 2.0, 1.0
         np.testing.assert_array_equal(grads["embeddings"], expected)
 
-    @given(
-        ids=hnp.arrays(
-            np.int32,
-            hnp.array_shapes(min_dims=0, max_dims=3, max_side=4),
-            elements=st.integers(0, 6),
-        ),
-    )
+    @given(ids=id_arrays(0, 6))
     @settings(max_examples=30, deadline=None)
     def test_property_equals_numpy_indexing(self, ids):
         params, table = small_params()

@@ -4,7 +4,6 @@ import functools
 
 import chex
 import flax.linen as nn
-import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import keras
@@ -13,6 +12,7 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import id_arrays
 
 import jaxembed
 from jaxembed import lora
@@ -104,11 +104,7 @@ class TestKerasParity:
 
 class TestLookupAndAttend:
     @given(
-        ids=hnp.arrays(
-            np.int32,
-            hnp.array_shapes(min_dims=0, max_dims=3, max_side=5),
-            elements=st.integers(0, 49),
-        ),
+        ids=id_arrays(0, 49),
         lora_alpha=st.one_of(st.none(), st.floats(0.5, 64.0)),
     )
     @settings(max_examples=25, deadline=None)

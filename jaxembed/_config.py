@@ -1,0 +1,105 @@
+"""What both Flax wrappers share: the layer's arguments, validated once, and the logical axes.
+
+`LayerConfig` is the one list of Keras's `Embedding` arguments with their defaults. The linen
+module's fields and the NNX constructor's keywords repeat the names so that users and type
+checkers see real signatures; tests/test_config.py keeps the three lists identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
+
+from jaxembed import (
+    _checks,
+    _out_of_range,
+    _table,
+    constraints,
+    functional,
+    initializers,
+    lora,
+    regularizers,
+)
+
+VOCAB_AXIS = "vocab"
+EMBED_AXIS = "embed"
+TABLE_AXES = (VOCAB_AXIS, EMBED_AXIS)
+"""Logical partitioning axes of the table; map them to mesh axes with logical axis rules."""
+LORA_AXES = {_table.LORA_A: (VOCAB_AXIS, None), _table.LORA_B: (None, EMBED_AXIS)}
+"""Logical axes of the adapter: A's rows follow the table's rows, B's columns its columns."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerConfig:
+    """Keras's `Embedding` arguments, checked at construction (as Keras does, not at first call).
+
+    `weights` is replaced by a checked read-only copy in `param_dtype` (`_table.CheckedWeights`):
+    the caller's array can change later without changing the table, and rebuilding a config
+    from that copy (flax clones a linen module on every `apply`) costs no second check.
+    """
+
+    input_dim: int
+    output_dim: int
+    embeddings_initializer: initializers.InitializerLike = "uniform"
+    embeddings_regularizer: regularizers.RegularizerLike = None
+    embeddings_constraint: constraints.ConstraintLike = None
+    mask_zero: bool = False
+    weights: ArrayLike | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    out_of_range: str = "error"
+    dtype: DTypeLike | None = None
+    param_dtype: DTypeLike = jnp.float32
+
+    def __post_init__(self) -> None:
+        _checks.positive_int("input_dim", self.input_dim)
+        _checks.positive_int("output_dim", self.output_dim)
+        initializers.get(self.embeddings_initializer)
+        regularizers.get(self.embeddings_regularizer)
+        has_constraint = constraints.get(self.embeddings_constraint) is not None
+        _checks.boolean("mask_zero", self.mask_zero)
+        if self.lora_rank is not None:
+            lora.check_rank("lora_rank", self.lora_rank)
+            if has_constraint:
+                raise lora.refuse_constraint("Embedding")
+        lora.check_alpha(self.lora_alpha)
+        _out_of_range.policy(self.out_of_range)
+        _checks.optional_floating_dtype("dtype", self.dtype)
+        param_dtype = _checks.floating_dtype("param_dtype", self.param_dtype)
+        if self.weights is not None:
+            weights = _table.validated_weights(
+                self.weights, self.input_dim, self.output_dim, param_dtype
+            )
+            object.__setattr__(self, "weights", weights)
+
+    @classmethod
+    def of(cls, source: Any) -> LayerConfig:
+        """The config of anything carrying the arguments as attributes (a linen module)."""
+        return cls(**{name: getattr(source, name) for name in NAMES})
+
+    def arguments(self, **changes: Any) -> dict[str, Any]:
+        """The arguments as keywords, with `changes` applied."""
+        return {**{name: getattr(self, name) for name in NAMES}, **changes}
+
+    def table_initializer(self) -> initializers.Initializer:
+        """The `(key, shape, dtype) -> table` function for the layer's table."""
+        return functional.table_initializer(
+            self.input_dim,
+            self.output_dim,
+            self.embeddings_initializer,
+            self.weights,
+            self.param_dtype,
+        )
+
+
+NAMES: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(LayerConfig))
+"""The layer's argument names, in order."""
+
+
+def select(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The layer's arguments out of a namespace (a constructor's `locals()`)."""
+    return {name: namespace[name] for name in NAMES}
