@@ -33,6 +33,18 @@ def describe(value: Any) -> str:
     return f"{text} (of type {type(value).__name__})"
 
 
+def host_array(name: str, value: Any, expected: str, error: type[Exception]) -> np.ndarray:
+    """`np.asarray(value)`, or `error` naming `name` when NumPy cannot make an array of it
+    (ragged nested lists, arbitrary objects)."""
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as cause:
+        raise error(
+            f"`{name}` must be {expected}. Received: {name}={describe(value)}, which is not "
+            f"array-like ({cause})."
+        ) from None
+
+
 def is_traced(value: Any) -> bool:
     """True when `value` is abstract (inside jit, vmap, grad...), so its values are unknown."""
     return isinstance(value, jax.core.Tracer)
@@ -125,13 +137,8 @@ def integer_ids(ids: Any, name: str = "ids") -> np.ndarray | jax.Array:
     exact values first (`_out_of_range.prepare`).
     """
     if not isinstance(ids, jax.Array):
-        try:
-            ids = np.asarray(ids)
-        except (TypeError, ValueError) as error:
-            raise TypeError(
-                f"`{name}` must be a rectangular array of integers (token indices). "
-                f"Received: {name}={describe(ids)}, which is not ({error})."
-            ) from None
+        expected = "a rectangular array of integers (token indices)"
+        ids = host_array(name, ids, expected, TypeError)
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(
             f"`{name}` must hold integers (token indices). Received: {name} of dtype "

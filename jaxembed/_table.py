@@ -281,13 +281,8 @@ def validated_weights(weights: Any, input_dim: int, output_dim: int, dtype: Any)
             "`weights` must be a concrete matrix (a NumPy or JAX array), not a traced value: "
             "initial weights are fixed when the layer is built."
         )
-    try:
-        array = np.asarray(weights)
-    except (TypeError, ValueError) as error:
-        raise ValueError(
-            f"`weights` must be a numeric matrix of shape ({input_dim}, {output_dim}). "
-            f"Received: weights={_checks.describe(weights)}, which is not array-like ({error})."
-        ) from None
+    expected = f"a numeric matrix of shape ({input_dim}, {output_dim})"
+    array = _checks.host_array("weights", weights, expected, ValueError)
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 2:

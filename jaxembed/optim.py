@@ -5,9 +5,12 @@
 * `freeze_lora_base`: zero updates and no optimizer state for tables frozen under LoRA.
 
 Example:
-    >>> import optax, jaxembed
-    >>> tx = optax.chain(optax.adam(1e-3), jaxembed.keep_embeddings_constrained("max_norm"))
-    >>> tx = jaxembed.freeze_lora_base(optax.adam(1e-3))
+    >>> import jax.numpy as jnp, optax, jaxembed
+    >>> tx = optax.chain(optax.sgd(0.5), jaxembed.keep_embeddings_constrained("non_neg"))
+    >>> params = {"embeddings": jnp.array([[0.25, 1.0]])}
+    >>> updates, _ = tx.update({"embeddings": jnp.ones((1, 2))}, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["embeddings"].tolist()  # 0.25 - 0.5 -> 0
+    [[0.0, 0.5]]
 """
 
 from __future__ import annotations
