@@ -18,6 +18,7 @@ from jaxembed import (
     optim,
     regularizers,
     sharding,
+    sparse,
 )
 from jaxembed.constraints import apply_constraint
 from jaxembed.functional import apply, attend, check_in_range, compute_mask, init
@@ -53,6 +54,7 @@ __all__ = [
     "regularization_penalty",
     "regularizers",
     "sharding",
+    "sparse",
 ]
 
 _LAZY_SUBMODULES = ("nnx",)

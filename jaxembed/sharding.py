@@ -16,6 +16,14 @@ emits for `jaxembed.apply` (benchmarks/RESULTS.md), it moves the same collective
 vocab-parallel table, LoRA included, and more for other layouts: `apply` therefore keeps the
 partitioner's lookup, and `vocab_parallel_apply` is the building block for code that is
 already inside `shard_map` or wants the communication spelled out.
+
+`vocab_parallel_update` is the training side for the row-wise optimizers of `jaxembed.sparse`
+on a vocab-sharded table: each shard updates only the rows it owns, and only id- and row-sized
+arrays cross devices (two all-gathers over the batch axes: the ids and the row gradients).
+Plain `jax.jit(optimizer.update)` on such a table is refused on Explicit axes (its `jnp.unique`
+sorts ids sharded over the batch; JAX 0.10) and, on Auto axes, moves row-sized arrays too but
+more of them (all-reduces of the touched rows of the table and of the state over the vocab
+axis).
 """
 
 from __future__ import annotations
@@ -28,17 +36,17 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _checks, _mesh, _out_of_range, _table, lora
+from jaxembed import _checks, _mesh, _out_of_range, _table, lora, sparse
 from jaxembed._mesh import SpecEntry, attend_shardings, gather_sharding
 
-__all__ = ["attend_shardings", "gather_sharding", "vocab_parallel_apply"]
+__all__ = ["attend_shardings", "gather_sharding", "vocab_parallel_apply", "vocab_parallel_update"]
 
 
-def _context_mesh() -> Any:
+def _context_mesh(caller: str = "vocab_parallel_apply", arrays: str = "the params or ids") -> Any:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         raise ValueError(
-            "vocab_parallel_apply needs a mesh: pass `mesh=`, place the params or ids on a mesh "
+            f"{caller} needs a mesh: pass `mesh=`, place {arrays} on a mesh "
             "with Explicit axes, or set one with `jax.set_mesh`. Received: mesh=None."
         )
     return mesh
@@ -50,7 +58,9 @@ def _without_trivial_axes(mesh: Any, axes: SpecEntry) -> SpecEntry:
     return kept[0] if len(kept) == 1 else (kept or None)
 
 
-def _vocab_axis_size(mesh: Any, vocab_axis: str, input_dim: int) -> int:
+def _vocab_axis_size(
+    mesh: Any, vocab_axis: str, input_dim: int, caller: str = "vocab_parallel_apply"
+) -> int:
     if vocab_axis not in mesh.axis_names:
         raise ValueError(
             f"`vocab_axis` must be an axis of the mesh {tuple(mesh.axis_names)}. "
@@ -59,7 +69,7 @@ def _vocab_axis_size(mesh: Any, vocab_axis: str, input_dim: int) -> int:
     size = mesh.shape[vocab_axis]
     if input_dim % size:
         raise ValueError(
-            f"vocab_parallel_apply needs input_dim divisible by the size of mesh axis "
+            f"{caller} needs input_dim divisible by the size of mesh axis "
             f"{vocab_axis!r} ({size}). Received: input_dim={input_dim}; pad the vocabulary to "
             f"{-(-input_dim // size) * size}."
         )
@@ -161,3 +171,134 @@ def vocab_parallel_apply(
             specs,
         )
     return jax.shard_map(local_lookup, mesh=mesh, in_specs=specs, out_specs=ids_spec)(*arrays)
+
+
+def vocab_parallel_update(
+    optimizer: sparse.RowwiseOptimizer,
+    table: ArrayLike,
+    state: sparse.RowwiseState,
+    ids: ArrayLike,
+    row_grads: ArrayLike,
+    *,
+    vocab_axis: str,
+    mesh: jax.sharding.Mesh | None = None,
+    batch_axes: SpecEntry = None,
+    out_of_range: str = "error",
+) -> tuple[jax.Array, sparse.RowwiseState]:
+    """`optimizer.update` (a `jaxembed.sparse` optimizer) on a vocab-sharded table, as a
+    `jax.shard_map` in which each shard updates only the rows it owns.
+
+    The table and the state's rows are split by rows over `vocab_axis`; ids and row_grads are
+    split over `batch_axes`. Each device all-gathers the ids and row_grads over `batch_axes`
+    (id- and row-sized traffic, nothing else crosses devices), maps the ids it owns to rows of
+    its shard and drops the others, then runs `optimizer.update` on its shard of the table and
+    of the state. Every device thus sees every id of the step: duplicates are summed across
+    the whole batch, and the result equals the unsharded `optimizer.update`. The step count is
+    replicated.
+
+    Args:
+        optimizer: a row-wise optimizer (`jaxembed.sparse.sgd`, `adagrad`, ...).
+        table: `(input_dim, output_dim)`, input_dim divisible by the `vocab_axis` size;
+            best placed as `P(vocab_axis, None)` already (else it is moved there).
+        state: `optimizer.init(table)`, its rows placed like the table (their first dimension
+            split over `vocab_axis`, e.g. with `jax.device_put`: `init` does not follow the
+            table's sharding), its count replicated; the returned state is placed so.
+        ids: integer array of rank >= 1; its first dimension is split over `batch_axes`.
+        row_grads: `ids.shape + (output_dim,)`, the gradient with respect to the looked-up
+            rows (`jaxembed.sparse.value_and_row_grads`), split like the ids.
+        vocab_axis: mesh axis that splits the vocabulary.
+        mesh: the device mesh (Auto or Explicit axes); None takes the mesh in the arrays'
+            types, else the one set with `jax.set_mesh`.
+        batch_axes: mesh axis (or axes) that split the ids' first dimension, or None.
+        out_of_range: as `optimizer.update`: an id outside `[0, input_dim)` writes nothing
+            under every policy; "error" also raises (eagerly, or through checkify), checked
+            once on the global ids.
+
+    Returns:
+        `(new_table, new_state)`: the table and the state's rows split by rows over
+        `vocab_axis`, the count replicated. Jit with `donate_argnums` on the table and the
+        state to update them in place.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxembed
+        >>> mesh = jax.make_mesh((1,), ("model",))
+        >>> optimizer = jaxembed.sparse.adagrad(0.1)
+        >>> table = jaxembed.init(jax.random.key(0), 8, 2)["embeddings"]
+        >>> ids, row_grads = jnp.array([[1, 7, 1]]), jnp.ones((1, 3, 2))
+        >>> new_table, state = jaxembed.sharding.vocab_parallel_update(
+        ...     optimizer, table, optimizer.init(table), ids, row_grads,
+        ...     mesh=mesh, vocab_axis="model")
+        >>> expected, _ = optimizer.update(table, optimizer.init(table), ids, row_grads)
+        >>> bool((new_table == expected).all())
+        True
+    """
+    caller = "vocab_parallel_update"
+    table = sparse.check_table(table)
+    input_dim, output_dim = table.shape
+    ids = _checks.integer_ids(ids)
+    if ids.ndim == 0:
+        raise ValueError(
+            f"{caller} needs ids of rank >= 1 (their first dimension is split over "
+            "`batch_axes`). Received: a scalar id; use `optimizer.update` or `ids[None]`."
+        )
+    row_grads = _checks.floating_array("row_grads", row_grads)
+    if row_grads.shape != (*ids.shape, output_dim):
+        raise ValueError(
+            f"`row_grads` must have shape ids.shape + (output_dim,) = "
+            f"{(*ids.shape, output_dim)}. Received: row_grads of shape {tuple(row_grads.shape)}."
+        )
+    state = sparse.RowwiseState(jnp.asarray(state.count), tuple(state.rows))
+    for array in state.rows:
+        if np.ndim(array) == 0 or np.shape(array)[0] != input_dim:
+            raise ValueError(
+                f"`state` must come from `optimizer.init(table)`: every array of state.rows "
+                f"has first dimension input_dim={input_dim}. Received: state.rows of shapes "
+                f"{[tuple(np.shape(a)) for a in state.rows]}."
+            )
+    mesh = (
+        mesh
+        or _mesh.explicit_mesh(table, ids, row_grads)
+        or _context_mesh(caller, "the table or ids")
+    )
+    _vocab_axis_size(mesh, vocab_axis, input_dim, caller)
+    policy = _out_of_range.policy(out_of_range)
+    # The policy's check, once, on the global ids ("error" raises or reports through
+    # checkify); then every bad id is one no shard owns, as in `optimizer.update`.
+    indices = _out_of_range.prepare(ids, input_dim, "error" if policy == "error" else "fill")
+    gather_axes = _without_trivial_axes(mesh, batch_axes)
+
+    def local_update(table_shard, state_shard, batch_ids, batch_grads):
+        if gather_axes is not None:
+            # Every shard needs every id of the step: its rows may be named by any of them.
+            batch_ids, batch_grads = (
+                jax.lax.all_gather(x, gather_axes, axis=0, tiled=True, to="invarying")
+                for x in (batch_ids, batch_grads)
+            )
+        shard_rows = table_shard.shape[0]
+        local = batch_ids - jax.lax.axis_index(vocab_axis) * shard_rows
+        owned = _out_of_range.Indices(batch_ids, fill=True).valid(input_dim)
+        owned &= (local >= 0) & (local < shard_rows)
+        local = jnp.where(owned, local, -1)  # not this shard's: dropped by "fill"
+        return optimizer.update(table_shard, state_shard, local, batch_grads, out_of_range="fill")
+
+    def split_rows(array: Any) -> PartitionSpec:
+        return PartitionSpec(vocab_axis, *(None,) * (np.ndim(array) - 1))
+
+    table_spec = split_rows(table)
+    state_specs = sparse.RowwiseState(PartitionSpec(), tuple(map(split_rows, state.rows)))
+    batch_specs = (
+        PartitionSpec(gather_axes),
+        PartitionSpec(gather_axes, *(None,) * (row_grads.ndim - 1)),
+    )
+    arrays = (table, state, indices.ids, row_grads)
+    specs = (table_spec, state_specs, *batch_specs)
+    if AxisType.Explicit in mesh.axis_types:
+        # On Explicit axes shard_map takes inputs whose types already carry its in_specs.
+        arrays = jax.tree.map(
+            lambda array, spec: jax.sharding.reshard(array, NamedSharding(mesh, spec)),
+            arrays,
+            specs,
+        )
+    return jax.shard_map(
+        local_update, mesh=mesh, in_specs=specs, out_specs=(table_spec, state_specs)
+    )(*arrays)

@@ -1,0 +1,388 @@
+"""Row-wise optimizers: train a full table at a cost that does not grow with the vocabulary.
+
+A dense step pays for every row: the lookup's gradient is an `(input_dim, output_dim)` scatter
+into zeros, and a dense optax optimizer reads and writes every row of the table and its
+moments. These optimizers take the gradient with respect to the looked-up rows instead
+(`row_grads`, shape `ids.shape + (output_dim,)`), sum duplicate ids as the dense gradient
+would, and read and write only the rows the batch touched, in the table and in the state:
+
+    >>> import jax, jax.numpy as jnp, jaxembed
+    >>> optimizer = jaxembed.sparse.adagrad(0.1)
+    >>> table = jaxembed.init(jax.random.key(0), 1000, 8)["embeddings"]
+    >>> state = optimizer.init(table)
+    >>> ids = jnp.array([[3, 5], [5, 999]])
+    >>> row_grads = jnp.ones(ids.shape + (8,))
+    >>> new_table, state = jax.jit(optimizer.update)(table, state, ids, row_grads)
+    >>> changed = jnp.any(new_table != table, axis=1)
+    >>> jnp.flatnonzero(changed).tolist()  # only the touched rows moved
+    [3, 5, 999]
+
+Jit `update` with `donate_argnums=(0, 1)` so that XLA writes the rows in place instead of
+copying the table and the state every step.
+
+The optimizers (state sizes per table):
+
+* `sgd(learning_rate)`: a step count; `optax.sgd` exactly.
+* `adagrad(learning_rate, initial_accumulator_value=0.1, eps=1e-7)`: `(input_dim, output_dim)`;
+  `optax.adagrad` exactly (an untouched row neither moves nor changes its accumulator).
+* `rowwise_adagrad(learning_rate, initial_accumulator_value=0.0, eps=1e-8)`: `(input_dim,)`;
+  torchrec / FBGEMM's exact row-wise Adagrad.
+* `lazy_adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8)`: two `(input_dim, output_dim)`
+  moments; TensorFlow's LazyAdam, which is not dense Adam (see `lazy_adam`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from jaxembed import _checks, _out_of_range, functional
+
+__all__ = [
+    "RowwiseOptimizer",
+    "RowwiseState",
+    "adagrad",
+    "lazy_adam",
+    "rowwise_adagrad",
+    "sgd",
+    "value_and_row_grads",
+]
+
+
+class RowwiseState(NamedTuple):
+    """A row-wise optimizer's state: the step count and arrays indexed by row (first dim
+    `input_dim`); an untouched row's entries never change."""
+
+    count: jax.Array
+    rows: tuple[jax.Array, ...]
+
+
+class RowwiseOptimizer(NamedTuple):
+    """A row-wise optimizer, in optax's style: a pair of pure functions.
+
+    `init(table) -> state`; `update(table, state, ids, row_grads, *, out_of_range="error")
+    -> (new_table, new_state)`.
+    """
+
+    init: Callable[[jax.Array], RowwiseState]
+    update: Callable[..., tuple[jax.Array, RowwiseState]]
+
+
+# (rows, state rows, summed grads, learning rate, step count before this one)
+#   -> (new rows, new state rows); every array is (touched, ...) in float32.
+RowStep = Callable[
+    [jax.Array, tuple[jax.Array, ...], jax.Array, jax.Array, jax.Array],
+    tuple[jax.Array, tuple[jax.Array, ...]],
+]
+
+
+def check_table(table: Any) -> jax.Array:
+    """`table` as a 2-D floating JAX array, else an error naming `table`."""
+    table = _checks.floating_array("table", table)
+    if table.ndim != 2:
+        raise ValueError(
+            "`table` must be a 2-D (input_dim, output_dim) array. "
+            f"Received: table of shape {tuple(table.shape)}."
+        )
+    return table
+
+
+def _learning_rate(learning_rate: float | optax.Schedule) -> Callable[[jax.Array], jax.Array]:
+    if callable(learning_rate):
+        return learning_rate
+    if isinstance(learning_rate, jax.Array) and learning_rate.ndim == 0:
+        return lambda count: learning_rate  # a JAX scalar, as optax accepts
+    rate = _checks.non_negative_float("learning_rate", learning_rate)
+    return lambda count: jnp.asarray(rate, jnp.float32)
+
+
+def _touched_rows(
+    ids: ArrayLike, row_grads: ArrayLike, input_dim: int, output_dim: int, out_of_range: str
+) -> tuple[jax.Array, jax.Array]:
+    """(unique row ids, summed gradients), both of static length `ids.size`.
+
+    Duplicate ids are summed, as the dense gradient sums them. Ids outside the table (and the
+    padding of the unique list) become `input_dim`, a row that reads as zeros and is never
+    written (`mode="drop"`): under every policy a bad id writes nothing. "error" also raises,
+    as `apply` does (eagerly, or through checkify; nothing under plain jit).
+    """
+    policy = _out_of_range.policy(out_of_range)
+    indices = _out_of_range.prepare(ids, input_dim, "error" if policy == "error" else "fill")
+    row_grads = _checks.floating_array("row_grads", row_grads)
+    expected = (*indices.ids.shape, output_dim)
+    if row_grads.shape != expected:
+        raise ValueError(
+            f"`row_grads` must have shape ids.shape + (output_dim,) = {expected}. "
+            f"Received: row_grads of shape {tuple(row_grads.shape)}."
+        )
+    flat_ids = jnp.where(indices.valid(input_dim), indices.ids, input_dim).reshape(-1)
+    flat_grads = row_grads.reshape(-1, output_dim).astype(jnp.float32)
+    unique, inverse = jnp.unique(
+        flat_ids, size=flat_ids.size, fill_value=input_dim, return_inverse=True
+    )
+    summed = jnp.zeros_like(flat_grads).at[inverse.reshape(-1)].add(flat_grads)
+    return unique, summed
+
+
+def _check_state(
+    state: Any, state_rows: Callable[[jax.Array], tuple[jax.Array, ...]], table: jax.Array
+) -> None:
+    """Raises unless `state` has the rows this optimizer's `init(table)` makes: a state from
+    another optimizer or from a table of another size would otherwise be read and written
+    silently wrong (out-of-bounds rows read as zeros and are dropped)."""
+    abstract = jax.ShapeDtypeStruct(table.shape, table.dtype)
+    expected = [array.shape for array in jax.eval_shape(state_rows, abstract)]
+    rows = getattr(state, "rows", None)
+    received = None if rows is None else [tuple(jnp.shape(array)) for array in rows]
+    if received != expected or not hasattr(state, "count"):
+        raise ValueError(
+            "`state` must come from this optimizer's `init(table)` for a table of shape "
+            f"{tuple(table.shape)}: a RowwiseState whose rows have shapes {expected}. "
+            f"Received: state with rows of shapes {received}."
+        )
+
+
+def _split_like(table: jax.Array, arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """State rows placed like the table's rows (a vocab-sharded table gets vocab-sharded
+    state), so that a donated, sharded step needs no resharding."""
+    sharding = getattr(table, "sharding", None)
+    if _checks.is_traced(table) or not isinstance(sharding, jax.sharding.NamedSharding):
+        return arrays
+    rows_spec = tuple(sharding.spec)[:1]
+    return tuple(
+        jax.device_put(
+            array,
+            jax.sharding.NamedSharding(
+                sharding.mesh, jax.sharding.PartitionSpec(*rows_spec, *(None,) * (array.ndim - 1))
+            ),
+        )
+        for array in arrays
+    )
+
+
+def _rowwise(
+    learning_rate: float | optax.Schedule,
+    state_rows: Callable[[jax.Array], tuple[jax.Array, ...]],
+    step: RowStep,
+) -> RowwiseOptimizer:
+    """The shared machinery: `step` sees only the touched rows; this gathers and scatters."""
+    schedule = _learning_rate(learning_rate)
+
+    def init(table: ArrayLike) -> RowwiseState:
+        table = check_table(table)
+        return RowwiseState(jnp.zeros((), jnp.int32), _split_like(table, state_rows(table)))
+
+    def update(
+        table: ArrayLike,
+        state: RowwiseState,
+        ids: ArrayLike,
+        row_grads: ArrayLike,
+        *,
+        out_of_range: str = "error",
+    ) -> tuple[jax.Array, RowwiseState]:
+        table = check_table(table)
+        input_dim, output_dim = table.shape
+        _check_state(state, state_rows, table)
+        unique, summed = _touched_rows(ids, row_grads, input_dim, output_dim, out_of_range)
+
+        def read(array: jax.Array) -> jax.Array:
+            return array.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
+
+        def write(array: jax.Array, new: jax.Array) -> jax.Array:
+            return array.at[unique].set(new.astype(array.dtype), mode="drop")
+
+        rows, slices = step(
+            read(table),
+            tuple(read(array) for array in state.rows),
+            summed,
+            jnp.asarray(schedule(state.count), jnp.float32),
+            state.count,
+        )
+        new_state = RowwiseState(
+            optax.safe_increment(state.count),
+            tuple(write(array, new) for array, new in zip(state.rows, slices, strict=True)),
+        )
+        return write(table, rows), new_state
+
+    return RowwiseOptimizer(init, update)
+
+
+def sgd(learning_rate: float | optax.Schedule) -> RowwiseOptimizer:
+    """`row -= learning_rate * g` on the touched rows: `optax.sgd(learning_rate)` exactly.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> optimizer = jaxembed.sparse.sgd(0.5)
+        >>> table = jnp.zeros((4, 2))
+        >>> table, _ = optimizer.update(table, optimizer.init(table), jnp.array([1, 1]),
+        ...                             jnp.ones((2, 2)))
+        >>> table[:, 0].tolist()  # duplicates summed: 0 - 0.5 * 2
+        [0.0, -1.0, 0.0, 0.0]
+    """
+
+    def step(rows, slices, grads, rate, count):
+        return rows - rate * grads, slices
+
+    return _rowwise(learning_rate, lambda table: (), step)
+
+
+def adagrad(
+    learning_rate: float | optax.Schedule,
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+) -> RowwiseOptimizer:
+    """`optax.adagrad` on the touched rows only, with the same numbers.
+
+    An untouched row has a zero gradient, so dense Adagrad neither moves it nor changes its
+    accumulator: skipping it changes nothing.
+
+    Example:
+        >>> import jax.numpy as jnp, optax, jaxembed
+        >>> table, ids, grads = jnp.ones((5, 2)), jnp.array([0, 3]), jnp.ones((2, 2))
+        >>> optimizer = jaxembed.sparse.adagrad(0.1)
+        >>> sparse, _ = optimizer.update(table, optimizer.init(table), ids, grads)
+        >>> dense_tx = optax.adagrad(0.1)
+        >>> dense_grads = jnp.zeros((5, 2)).at[ids].add(grads)
+        >>> updates, _ = dense_tx.update(dense_grads, dense_tx.init(table))
+        >>> bool(jnp.all(sparse == optax.apply_updates(table, updates)))
+        True
+    """
+    initial = _checks.non_negative_float("initial_accumulator_value", initial_accumulator_value)
+    eps = _checks.non_negative_float("eps", eps)
+
+    def state_rows(table: jax.Array) -> tuple[jax.Array, ...]:
+        return (jnp.full(table.shape, initial, jnp.float32),)
+
+    def step(rows, slices, grads, rate, count):
+        (sum_of_squares,) = slices
+        sum_of_squares = sum_of_squares + jnp.square(grads)
+        # optax.scale_by_rss, term for term.
+        scale = jnp.where(sum_of_squares > 0, jax.lax.rsqrt(sum_of_squares + eps), 0.0)
+        return rows - rate * (scale * grads), (sum_of_squares,)
+
+    return _rowwise(learning_rate, state_rows, step)
+
+
+def rowwise_adagrad(
+    learning_rate: float | optax.Schedule,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-8,
+) -> RowwiseOptimizer:
+    """Row-wise Adagrad (torchrec / FBGEMM's exact row-wise Adagrad): one accumulator per row.
+
+    `accumulator += mean(g**2)` over the row, then `row -= learning_rate * g /
+    (sqrt(accumulator) + eps)`. The state is `input_dim` floats instead of `input_dim *
+    output_dim`: the usual choice for very large tables.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> optimizer = jaxembed.sparse.rowwise_adagrad(1.0)
+        >>> table = jnp.zeros((1000, 64))
+        >>> optimizer.init(table).rows[0].shape  # one float per row
+        (1000,)
+    """
+    initial = _checks.non_negative_float("initial_accumulator_value", initial_accumulator_value)
+    eps = _checks.non_negative_float("eps", eps)
+
+    def state_rows(table: jax.Array) -> tuple[jax.Array, ...]:
+        return (jnp.full(table.shape[:1], initial, jnp.float32),)
+
+    def step(rows, slices, grads, rate, count):
+        (accumulator,) = slices
+        accumulator = accumulator + jnp.mean(jnp.square(grads), axis=-1)
+        multiplier = rate / (jnp.sqrt(accumulator) + eps)
+        return rows - multiplier[:, None] * grads, (accumulator,)
+
+    return _rowwise(learning_rate, state_rows, step)
+
+
+def _decay_rate(name: str, value: Any) -> float:
+    """A moment decay rate in [0, 1) (1 would divide by zero in the bias correction)."""
+    rate = _checks.non_negative_float(name, value)
+    if rate >= 1:
+        raise ValueError(f"`{name}` must lie in [0, 1). Received: {name}={value!r}.")
+    return rate
+
+
+def lazy_adam(
+    learning_rate: float | optax.Schedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> RowwiseOptimizer:
+    """TensorFlow's LazyAdam: Adam on the touched rows, moments of the others left alone.
+
+    With `t` the global step (1 on the first update, counted over all updates, not per row):
+    `m = b1 * m + (1 - b1) * g`, `v = b2 * v + (1 - b2) * g**2`, and
+    `row -= lr * sqrt(1 - b2**t) / (1 - b1**t) * m / (sqrt(v) + eps)` (TensorFlow's epsilon
+    placement: outside the square root, after the bias correction folded into the rate).
+
+    How it differs from dense Adam (`optax.adam`): dense Adam keeps moving a row whose
+    gradient is zero this step, on the momentum of earlier steps, and decays its moments;
+    LazyAdam leaves such a row and its moments untouched until its id comes back. For rows
+    seen in every step (small vocabularies, frequent tokens) the two agree up to the epsilon
+    placement; for rare ids LazyAdam takes fewer, larger steps. That is what large sparse
+    tables want (TensorFlow, torch's SparseAdam and TPU embeddings do the same); use dense
+    optax Adam when every row is touched every step anyway.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> optimizer = jaxembed.sparse.lazy_adam(0.1)
+        >>> table = jnp.zeros((3, 1))
+        >>> table, state = optimizer.update(table, optimizer.init(table), jnp.array([2]),
+        ...                                 jnp.ones((1, 1)))
+        >>> [round(x, 4) for x in table[:, 0].tolist()]  # first step: -lr * sign(g)
+        [0.0, 0.0, -0.1]
+    """
+    b1 = _decay_rate("b1", b1)
+    b2 = _decay_rate("b2", b2)
+    eps = _checks.non_negative_float("eps", eps)
+
+    def state_rows(table: jax.Array) -> tuple[jax.Array, ...]:
+        return (jnp.zeros(table.shape, jnp.float32), jnp.zeros(table.shape, jnp.float32))
+
+    def step(rows, slices, grads, rate, count):
+        mu, nu = slices
+        t = (count + 1).astype(jnp.float32)
+        mu = b1 * mu + (1 - b1) * grads
+        nu = b2 * nu + (1 - b2) * jnp.square(grads)
+        corrected = rate * jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        return rows - corrected * mu / (jnp.sqrt(nu) + eps), (mu, nu)
+
+    return _rowwise(learning_rate, state_rows, step)
+
+
+def value_and_row_grads(
+    loss_fn: Callable[..., jax.Array],
+    params: functional.Params,
+    ids: ArrayLike,
+    *args: Any,
+    has_aux: bool = False,
+    out_of_range: str = "error",
+) -> tuple[Any, jax.Array]:
+    """The loss and its gradient with respect to the looked-up rows, never the table's.
+
+    Looks up `rows = jaxembed.apply(params, ids, out_of_range=...)`, then differentiates
+    `loss_fn(rows, *args)` with respect to `rows` only: no `(input_dim, output_dim)` gradient
+    is built. Feed the result to a row-wise optimizer's `update` with the same ids.
+
+    Returns:
+        `(loss, row_grads)` (`((loss, aux), row_grads)` with `has_aux`); `row_grads` has shape
+        `ids.shape + (output_dim,)`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxembed
+        >>> params = jaxembed.init(jax.random.key(0), 100, 4)
+        >>> ids = jnp.array([[1, 2, 2]])
+        >>> loss, row_grads = jaxembed.sparse.value_and_row_grads(
+        ...     lambda rows: jnp.sum(rows**2), params, ids)
+        >>> row_grads.shape
+        (1, 3, 4)
+    """
+    rows = functional.apply(params, ids, out_of_range=out_of_range)
+    return jax.value_and_grad(loss_fn, has_aux=has_aux)(rows, *args)
