@@ -66,8 +66,8 @@ class TableKind:
     """One way of storing a table in params. Subclass it to add a kind (see the module doc)."""
 
     keys: tuple[str, ...] = ()
-    """The params keys this kind stores; the first is `(input_dim, ...)` and its sharding
-    decides the output's."""
+    """The params keys this kind stores; the first is 2-D, `(input_dim, output_dim)`-shaped
+    (its sharding decides the output's, and `attend` reads two spec entries from it)."""
 
     def shape(self, arrays: Mapping[str, Any]) -> tuple[int, int]:
         """`(input_dim, output_dim)`, after checking the arrays; raises ValueError if bad."""
