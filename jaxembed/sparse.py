@@ -41,15 +41,20 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from jaxembed import _checks, _out_of_range, functional
+from jaxembed import _checks, _out_of_range, _paths, _table, functional
 
 __all__ = [
     "RowwiseOptimizer",
     "RowwiseState",
     "adagrad",
+    "init_tables",
     "lazy_adam",
+    "linen_value_and_grad",
+    "merge_tables",
     "rowwise_adagrad",
     "sgd",
+    "split_tables",
+    "update_tables",
     "value_and_row_grads",
 ]
 
@@ -386,3 +391,189 @@ def value_and_row_grads(
     """
     rows = functional.apply(params, ids, out_of_range=out_of_range)
     return jax.value_and_grad(loss_fn, has_aux=has_aux)(rows, *args)
+
+
+# --- Whole Flax models: row-sparse tables beside densely trained layers -------------------
+
+Tables = dict[str, jax.Array]
+"""Trainable tables of a model by their params path, e.g. {"Embed_0/embeddings": table}."""
+
+RowBatches = dict[str, tuple[jax.Array, jax.Array]]
+"""Per table path: (ids, row_grads) of every lookup the step made, flattened and joined."""
+
+_SEPARATOR = "/"
+
+
+def split_tables(params: Any) -> tuple[Tables, Any]:
+    """Splits a model's params into its trainable jaxembed tables and everything else.
+
+    A table is a leaf named "embeddings" without a LoRA adapter beside it (tables under LoRA
+    are frozen and stay in the rest). The rest keeps the params' structure with `None` where
+    a table was (optax and `jax.grad` skip `None`); `merge_tables` joins the two again.
+
+    Args:
+        params: a linen model's `variables["params"]` (flax's partitioning boxes may stay:
+            the tables are taken out of them and put back by `merge_tables`).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxembed
+        >>> params = {"tokens": {"embeddings": jnp.ones((10, 4))}, "head": {"kernel": jnp.ones(4)}}
+        >>> tables, rest = jaxembed.sparse.split_tables(params)
+        >>> list(tables), rest["tokens"]["embeddings"] is None
+        (['tokens/embeddings'], True)
+    """
+    frozen = _paths.tables_beside_lora(params)
+    tables: Tables = {}
+
+    def take(path: tuple[Any, ...], leaf: Any) -> Any:
+        names = _paths.names(path)
+        if names and names[-1] in _table.table_keys() and names not in frozen:
+            tables[_SEPARATOR.join(names)] = leaf
+            return None
+        return leaf
+
+    rest = jax.tree_util.tree_map_with_path(take, params)
+    return tables, rest
+
+
+def merge_tables(tables: Tables, rest: Any) -> Any:
+    """Inverse of `split_tables`: the model's params with every table back in its place."""
+
+    def put(path: tuple[Any, ...], leaf: Any) -> Any:
+        if leaf is None:
+            return tables.get(_SEPARATOR.join(_paths.names(path)), leaf)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(put, rest, is_leaf=lambda leaf: leaf is None)
+
+
+def init_tables(optimizer: RowwiseOptimizer, tables: Tables) -> dict[str, RowwiseState]:
+    """`optimizer.init` for every table of `split_tables`."""
+    return {path: optimizer.init(table) for path, table in tables.items()}
+
+
+def update_tables(
+    optimizer: RowwiseOptimizer,
+    tables: Tables,
+    states: dict[str, RowwiseState],
+    rows: RowBatches,
+) -> tuple[Tables, dict[str, RowwiseState]]:
+    """`optimizer.update` for every table the step looked up (`linen_value_and_grad`'s rows);
+    tables it did not look up are returned as they are."""
+    tables, states = dict(tables), dict(states)
+    for path, (ids, row_grads) in rows.items():
+        # Ids were already checked (or clamped) by the lookup's own policy; any id still
+        # outside the table must write nothing.
+        tables[path], states[path] = optimizer.update(
+            tables[path], states[path], ids, row_grads, out_of_range="fill"
+        )
+    return tables, states
+
+
+def linen_value_and_grad(
+    loss_fn: Callable[..., Any], *, has_aux: bool = False
+) -> Callable[..., tuple[Any, Any, RowBatches]]:
+    """`jax.value_and_grad` for a linen model whose jaxembed tables train row-sparsely.
+
+    `loss_fn(params, *args)` is an ordinary loss that calls `model.apply({"params": params},
+    ...)`. The returned function takes `(tables, rest, *args)` from `split_tables` and gives
+    `(loss, rest_grads, rows)`: the gradient of every other param (dense, for optax), and per
+    table the ids it looked up with the gradient of the loss with respect to those rows, for
+    `update_tables`. No `(input_dim, output_dim)` gradient is built: every lookup of a
+    jaxembed `Embedding` is perturbed by a zero of its rows' shape (flax's method
+    interceptors; the modules need no argument), and the tables are constants of the loss.
+
+    A tied table (`attend`) gets a dense gradient from the logits by nature: it is refused
+    here with an error rather than silently losing that gradient; train such a model densely.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax, jaxembed
+        >>> model = jaxembed.Embedding(1000, 4)
+        >>> ids = jnp.array([[1, 2, 2]])
+        >>> params = model.init(jax.random.key(0), ids)["params"]
+        >>> tables, rest = jaxembed.sparse.split_tables(params)
+        >>> loss_fn = lambda p, ids: jnp.sum(model.apply({"params": p}, ids) ** 2)
+        >>> loss, rest_grads, rows = jaxembed.sparse.linen_value_and_grad(loss_fn)(
+        ...     tables, rest, ids)
+        >>> ids_seen, row_grads = rows["embeddings"]
+        >>> ids_seen.tolist(), row_grads.shape
+        ([1, 2, 2], (3, 4))
+    """
+    import flax.linen as nn
+
+    from jaxembed.linen import Embedding
+
+    _checks.boolean("has_aux", has_aux)
+
+    def table_path(context: Any, tables: Tables) -> str | None:
+        """The path of the trainable table a jaxembed module call reads, if any."""
+        if not isinstance(context.module, Embedding):
+            return None
+        suffix = (*context.module.path, _table.EMBEDDINGS)
+        for path in tables:
+            names = tuple(path.split(_SEPARATOR))
+            if names[-len(suffix) :] == suffix:
+                return path
+        return None
+
+    def value_and_grad(tables: Tables, rest: Any, *args: Any) -> tuple[Any, Any, RowBatches]:
+        constants = {path: jax.lax.stop_gradient(table) for path, table in tables.items()}
+
+        def run(interceptor: Any, rest: Any) -> Any:
+            with nn.intercept_methods(interceptor):
+                return loss_fn(merge_tables(constants, rest), *args)
+
+        shapes: dict[str, list[jax.ShapeDtypeStruct]] = {}
+
+        def record(next_fun, call_args, call_kwargs, context):
+            rows = next_fun(*call_args, **call_kwargs)
+            path = table_path(context, tables)
+            if path is not None and context.method_name == "__call__":
+                shapes.setdefault(path, []).append(jax.ShapeDtypeStruct(rows.shape, rows.dtype))
+            return rows
+
+        jax.eval_shape(lambda: run(record, rest))  # shapes of every lookup, at trace time only
+        zeros = {
+            path: [jnp.zeros(s.shape, s.dtype) for s in found] for path, found in shapes.items()
+        }
+
+        def inner(rest: Any, perturbations: dict[str, list[jax.Array]]) -> Any:
+            seen: dict[str, list[jax.Array]] = {path: [] for path in perturbations}
+
+            def perturb(next_fun, call_args, call_kwargs, context):
+                path = table_path(context, tables)
+                if path is not None and context.method_name == "attend":
+                    raise ValueError(
+                        f"linen_value_and_grad: the table {path!r} is tied (`attend`): the "
+                        "logits give it a dense gradient, which a row-sparse update would "
+                        "drop. Train tied tables densely (leave them out of `split_tables`'s "
+                        "tables) or untie them."
+                    )
+                rows = next_fun(*call_args, **call_kwargs)
+                if path is None or context.method_name != "__call__":
+                    return rows
+                module = context.module
+                ids = _checks.integer_ids(call_args[0])
+                if module.out_of_range == "clip":  # the gradient flows to the clamped row
+                    ids = _out_of_range.prepare(ids, module.input_dim, "clip").ids
+                perturbation = perturbations[path][len(seen[path])]
+                seen[path].append(jnp.asarray(ids))
+                return rows + perturbation
+
+            result = run(perturb, rest)
+            loss, aux = result if has_aux else (result, None)
+            return loss, (aux, seen)
+
+        (loss, (aux, seen)), (rest_grads, row_grads) = jax.value_and_grad(
+            inner, argnums=(0, 1), has_aux=True
+        )(rest, zeros)
+        rows = {
+            path: (
+                jnp.concatenate([ids.reshape(-1) for ids in seen[path]]),
+                jnp.concatenate([g.reshape(-1, g.shape[-1]) for g in row_grads[path]]),
+            )
+            for path in seen
+        }
+        return ((loss, aux) if has_aux else loss), rest_grads, rows
+
+    return value_and_grad
