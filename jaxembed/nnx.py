@@ -26,10 +26,23 @@ from flax import nnx
 from flax.core import meta
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _config, _paths, _table, functional, initializers, linen, lora, regularizers
+from jaxembed import (
+    _checks,
+    _config,
+    _out_of_range,
+    _paths,
+    _table,
+    functional,
+    initializers,
+    linen,
+    lora,
+    regularizers,
+)
 
 __all__ = [
     "Embedding",
+    "RowGradient",
+    "RowIds",
     "trainable",
 ]
 
@@ -114,13 +127,21 @@ class Embedding(nnx.Module):
 
     def __call__(self, ids: ArrayLike) -> jax.Array:
         """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)`."""
-        return functional.apply(
+        rows = functional.apply(
             self.params(),
             ids,
             dtype=self.config.dtype,
             out_of_range=self.config.out_of_range,
             lora_alpha=self.lora_alpha,
         )
+        if hasattr(self, "__captures__") and self.lora_rank is None:
+            # Under `nnx.capture` (jaxembed.sparse.nnx_value_and_grad): record the ids and
+            # perturb the rows, so the step gets the gradient of the rows, not the table's.
+            if self.config.out_of_range == "clip":  # the gradient flows to the clamped row
+                ids = _out_of_range.prepare(ids, self.config.input_dim, "clip").ids
+            self.sow(RowIds, "ids", jnp.asarray(_checks.integer_ids(ids)))
+            rows = self.perturb("rows", rows, variable_type=RowGradient)
+        return rows
 
     def compute_mask(self, ids: ArrayLike) -> jax.Array | None:
         """`ids != 0` when `mask_zero`, else None."""
@@ -128,6 +149,13 @@ class Embedding(nnx.Module):
 
     def attend(self, query: ArrayLike) -> jax.Array:
         """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`."""
+        captures = getattr(self, "__captures__", ())
+        if self.lora_rank is None and any(type(c) is RowGradient for c in captures):
+            raise ValueError(
+                "jaxembed.sparse.nnx_value_and_grad: this table is tied (`attend`): the "
+                "logits give it a dense gradient, which a row-sparse update would drop. Train "
+                "tied tables densely or untie them."
+            )
         return functional.attend(
             self.params(), query, dtype=self.config.dtype, lora_alpha=self.lora_alpha
         )
@@ -235,6 +263,15 @@ class Embedding(nnx.Module):
         if table.adapter is not None:
             layer._set_adapter(params, module.lora_alpha)
         return layer
+
+
+class RowGradient(nnx.Perturbation):
+    """The gradient of the loss with respect to a layer's looked-up rows (row-sparse
+    training; see `jaxembed.sparse.nnx_value_and_grad`)."""
+
+
+class RowIds(nnx.Intermediate):
+    """The ids a layer looked up, captured for its row-sparse update."""
 
 
 def trainable(model: nnx.Module) -> nnx.filterlib.Filter:

@@ -51,6 +51,10 @@ __all__ = [
     "lazy_adam",
     "linen_value_and_grad",
     "merge_tables",
+    "nnx_init_tables",
+    "nnx_tables",
+    "nnx_update_tables",
+    "nnx_value_and_grad",
     "rowwise_adagrad",
     "sgd",
     "split_tables",
@@ -570,10 +574,144 @@ def linen_value_and_grad(
         rows = {
             path: (
                 jnp.concatenate([ids.reshape(-1) for ids in seen[path]]),
-                jnp.concatenate([g.reshape(-1, g.shape[-1]) for g in row_grads[path]]),
+                jnp.concatenate([_flat_rows(g) for g in row_grads[path]]),
             )
             for path in seen
         }
         return ((loss, aux) if has_aux else loss), rest_grads, rows
+
+    return value_and_grad
+
+
+def _nnx_sparse_layers(model: Any) -> dict[str, Any]:
+    """Every jaxembed NNX layer in `model` whose table trains (no LoRA adapter), by path."""
+    from flax import nnx
+
+    from jaxembed.nnx import Embedding
+
+    return {
+        _SEPARATOR.join(map(str, path)): module
+        for path, module in nnx.iter_graph(model)
+        if isinstance(module, Embedding) and module.lora_rank is None
+    }
+
+
+def nnx_tables(model: Any) -> Any:
+    """An NNX filter for the tables `nnx_value_and_grad` trains row-sparsely; combine it with
+    `nnx.Not` to give every other param to an `nnx.Optimizer`.
+
+    Example:
+        >>> from flax import nnx
+        >>> import jaxembed.nnx
+        >>> layer = jaxembed.nnx.Embedding(10, 4, rngs=nnx.Rngs(0))
+        >>> list(nnx.state(layer, jaxembed.sparse.nnx_tables(layer)).keys())
+        ['embeddings']
+    """
+    layers = _nnx_sparse_layers(model)
+
+    def is_table(path: tuple[Any, ...], value: Any) -> bool:
+        names = tuple(map(str, path))
+        return (
+            bool(names)
+            and names[-1] == _table.EMBEDDINGS
+            and (_SEPARATOR.join(names[:-1]) in layers)
+        )
+
+    return is_table
+
+
+def nnx_init_tables(optimizer: RowwiseOptimizer, model: Any) -> dict[str, RowwiseState]:
+    """`optimizer.init` for every table `nnx_tables` selects, by layer path."""
+    return {
+        path: optimizer.init(layer.embeddings[...])
+        for path, layer in _nnx_sparse_layers(model).items()
+    }
+
+
+def nnx_update_tables(
+    optimizer: RowwiseOptimizer,
+    model: Any,
+    states: dict[str, RowwiseState],
+    rows: RowBatches,
+) -> dict[str, RowwiseState]:
+    """Updates the looked-up tables of `model` in place (`nnx_value_and_grad`'s rows) and
+    returns the new optimizer states."""
+    layers, states = _nnx_sparse_layers(model), dict(states)
+    for path, (ids, row_grads) in rows.items():
+        layer = layers[path]
+        table, states[path] = optimizer.update(
+            layer.embeddings[...], states[path], ids, row_grads, out_of_range="fill"
+        )
+        layer.embeddings[...] = table
+    return states
+
+
+def _flat_rows(row_grads: jax.Array) -> jax.Array:
+    return row_grads.reshape(-1, row_grads.shape[-1])
+
+
+def nnx_value_and_grad(
+    loss_fn: Callable[..., Any], *, has_aux: bool = False
+) -> Callable[..., tuple[Any, Any, RowBatches]]:
+    """`nnx.value_and_grad` for an NNX model whose jaxembed tables train row-sparsely.
+
+    `loss_fn(model, *args)` is an ordinary loss. The returned function takes `(model, *args)`
+    and gives `(loss, grads, rows)`: `grads` for every `nnx.Param` except the tables
+    (`nnx_tables`), for an `nnx.Optimizer(model, tx, wrt=nnx.All(nnx.Param,
+    nnx.Not(jaxembed.sparse.nnx_tables(model))))`, and per layer path the ids it looked up
+    with the gradient of the loss with respect to those rows, for `nnx_update_tables`. The
+    layers record ids and rows through flax's `nnx.capture` (`jaxembed.nnx.RowIds`,
+    `jaxembed.nnx.RowGradient`); call each layer once per step. Tied tables (`attend`) get a
+    dense gradient from the logits: leave them out (give them LoRA or train densely).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import jaxembed.nnx
+        >>> layer = jaxembed.nnx.Embedding(100, 4, rngs=nnx.Rngs(0))
+        >>> loss, grads, rows = jaxembed.sparse.nnx_value_and_grad(
+        ...     lambda layer, ids: jnp.sum(layer(ids) ** 2))(layer, jnp.array([3, 3, 7]))
+        >>> ids, row_grads = rows[""]  # the layer is the model: its path is empty
+        >>> ids.tolist(), row_grads.shape
+        ([3, 3, 7], (3, 4))
+    """
+    from flax import nnx
+
+    from jaxembed.nnx import RowGradient, RowIds
+
+    _checks.boolean("has_aux", has_aux)
+
+    def value_and_grad(model: Any, *args: Any) -> tuple[Any, Any, RowBatches]:
+        tables = nnx_tables(model)
+        shapes = nnx.eval_shape(
+            lambda model: nnx.capture(loss_fn, RowGradient)(model, *args)[1], model
+        )
+        perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def inner(model: Any, perturbations: Any) -> Any:
+            result, ids = nnx.capture(loss_fn, RowIds, init=perturbations)(model, *args)
+            loss, aux = result if has_aux else (result, None)
+            return loss, (aux, ids)
+
+        wrt = nnx.DiffState(0, nnx.All(nnx.Param, nnx.Not(tables)))
+        (loss, (aux, ids)), (grads, row_grads) = nnx.value_and_grad(
+            inner, argnums=(wrt, 1), has_aux=True
+        )(model, perturbations)
+        found_ids = {
+            _SEPARATOR.join(map(str, path[:-1])): variable
+            for path, variable in nnx.to_flat_state(ids)
+        }
+        found_grads = {
+            _SEPARATOR.join(map(str, path[:-1])): variable
+            for path, variable in nnx.to_flat_state(row_grads)
+        }
+        rows = {
+            path: (
+                jnp.concatenate([i.reshape(-1) for i in found_ids[path].get_value()]),
+                _flat_rows(found_grads[path][...]),
+            )
+            for path in found_grads
+        }
+        return ((loss, aux) if has_aux else loss), grads, rows
 
     return value_and_grad
