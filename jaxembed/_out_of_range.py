@@ -71,7 +71,8 @@ def message(input_dim: int, bad_id: Any) -> str:
     """The message for an id outside the vocabulary; `bad_id` may be a checkify format field."""
     return (
         f"`ids` must lie in [0, input_dim) = [0, {input_dim}); got id {bad_id}. "
-        "Pass out_of_range='clip' to clamp such ids or out_of_range='fill' to get NaN rows."
+        "Pass out_of_range='clip' (a lookup clamps such ids) or out_of_range='fill' (a lookup "
+        "gives NaN rows); a row-wise optimizer's update drops them under either."
     )
 
 
