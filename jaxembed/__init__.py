@@ -15,6 +15,7 @@ from jaxembed import (
     initializers,
     linen,
     lora,
+    loss,
     optim,
     regularizers,
     sharding,
@@ -24,6 +25,7 @@ from jaxembed.constraints import apply_constraint
 from jaxembed.functional import apply, attend, check_in_range, compute_mask, init
 from jaxembed.linen import Embedding
 from jaxembed.lora import enable_lora, merge_lora
+from jaxembed.loss import attend_cross_entropy
 from jaxembed.optim import freeze_lora_base, keep_embeddings_constrained
 from jaxembed.regularizers import regularization_penalty
 
@@ -37,6 +39,7 @@ __all__ = [
     "apply",
     "apply_constraint",
     "attend",
+    "attend_cross_entropy",
     "check_in_range",
     "compute_mask",
     "constraints",
@@ -48,6 +51,7 @@ __all__ = [
     "keep_embeddings_constrained",
     "linen",
     "lora",
+    "loss",
     "merge_lora",
     "nnx",
     "optim",

@@ -1,0 +1,314 @@
+"""Tied-logits cross-entropy that never materializes the logits.
+
+`attend_cross_entropy(params, query, labels)` equals
+`optax.softmax_cross_entropy_with_integer_labels(jaxembed.attend(params, query), labels)`
+(reduced), but walks the vocabulary in chunks of `chunk_size` rows with an online logsumexp
+(Cut Cross-Entropy, Wijmans et al. 2024; Liger Kernel's fused linear cross-entropy): forward
+and backward hold one `(tokens, chunk_size)` block of logits at a time, never the
+`(tokens, input_dim)` logits or their gradient. The backward pass recomputes each chunk's
+logits (a `jax.custom_vjp`) and produces the gradients of the query, the table and LoRA's A
+and B. Sums run in float32 whatever the input dtypes.
+
+Example:
+    >>> import jax, jax.numpy as jnp, optax, jaxembed
+    >>> params = jaxembed.init(jax.random.key(0), 1000, 16)
+    >>> query = jax.random.normal(jax.random.key(1), (4, 16))
+    >>> labels = jnp.array([1, 2, 999, 0])
+    >>> fused = jaxembed.attend_cross_entropy(params, query, labels, chunk_size=128)
+    >>> dense = optax.softmax_cross_entropy_with_integer_labels(
+    ...     jaxembed.attend(params, query), labels).mean()
+    >>> bool(jnp.allclose(fused, dense, rtol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike, DTypeLike
+
+from jaxembed import _checks, _out_of_range, _table, lora
+
+__all__ = ["attend_cross_entropy", "soft_cap"]
+
+_CHUNK_BYTES = 8 * 2**20
+"""Default chunk: about this many bytes of float32 logits per (tokens, chunk) block."""
+
+
+def soft_cap(logits: jax.Array, logit_soft_cap: float | None) -> jax.Array:
+    """`c * tanh(logits / c)` (Gemma 2's logit soft-capping), or `logits` when `c` is None."""
+    if logit_soft_cap is None:
+        return logits
+    return logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
+
+
+def _default_chunk(tokens: int, input_dim: int) -> int:
+    rows = _CHUNK_BYTES // (4 * max(tokens, 1))
+    rows = max(128, rows // 128 * 128)
+    return min(rows, input_dim)
+
+
+def _chunk_rows(
+    table: jax.Array, a: jax.Array | None, start: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array | None]:
+    rows = jax.lax.dynamic_slice_in_dim(table, start, chunk).astype(jnp.float32)
+    a_rows = None if a is None else jax.lax.dynamic_slice_in_dim(a, start, chunk)
+    return rows, (None if a_rows is None else a_rows.astype(jnp.float32))
+
+
+def _chunk_logits(q, low_rank, rows, a_rows, scale):
+    """Raw (uncapped) float32 logits of one chunk: `(tokens, chunk)`."""
+    raw = jnp.einsum("td,cd->tc", q, rows, precision=jax.lax.Precision.HIGHEST)
+    if a_rows is not None:
+        raw = raw + scale * jnp.einsum(
+            "tr,cr->tc", low_rank, a_rows, precision=jax.lax.Precision.HIGHEST
+        )
+    return raw
+
+
+def _starts(input_dim: int, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(start, first new row) of every chunk; the last chunk ends at `input_dim`, overlapping
+    its predecessor instead of reading past the table (no padded copy of the table)."""
+    count = -(-input_dim // chunk)
+    firsts = np.arange(count) * chunk
+    starts = np.minimum(firsts, input_dim - chunk)
+    return jnp.asarray(starts, jnp.int32), jnp.asarray(firsts, jnp.int32)
+
+
+def _forward(static, q, table, a, b, labels):
+    chunk, cap, smoothing, z_loss, scale = static
+    input_dim = table.shape[0]
+    tokens = q.shape[0]
+    low_rank = None if b is None else q @ b.astype(jnp.float32).T
+    starts, firsts = _starts(input_dim, chunk)
+    columns = jnp.arange(chunk, dtype=jnp.int32)
+
+    def body(carry, start_first):
+        running_max, running_sum, logit_sum, label_logit = carry
+        start, first = start_first
+        rows, a_rows = _chunk_rows(table, a, start, chunk)
+        logits = soft_cap(_chunk_logits(q, low_rank, rows, a_rows, scale), cap)
+        new = (start + columns) >= first  # rows not counted by an earlier chunk
+        masked = jnp.where(new, logits, -jnp.inf)
+        new_max = jnp.maximum(running_max, masked.max(axis=1))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(
+            masked - new_max[:, None]
+        ).sum(axis=1)
+        logit_sum = logit_sum + jnp.where(new, logits, 0.0).sum(axis=1)
+        local = labels - start
+        hit = (local >= 0) & (local < chunk) & (labels >= first)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[:, None], axis=1)
+        label_logit = label_logit + jnp.where(hit, picked[:, 0], 0.0)
+        return (new_max, running_sum, logit_sum, label_logit), None
+
+    zeros = jnp.zeros((tokens,), jnp.float32)
+    init = (jnp.full((tokens,), -jnp.inf, jnp.float32), zeros, zeros, zeros)
+    (running_max, running_sum, logit_sum, label_logit), _ = jax.lax.scan(
+        body, init, (starts, firsts)
+    )
+    lse = running_max + jnp.log(running_sum)
+    loss = lse - (1 - smoothing) * label_logit - smoothing * logit_sum / input_dim
+    return loss + z_loss * jnp.square(lse), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _token_losses(static, q, table, a, b, labels):
+    return _forward(static, q, table, a, b, labels)[0]
+
+
+def _token_losses_fwd(static, q, table, a, b, labels):
+    loss, lse = _forward(static, q, table, a, b, labels)
+    return loss, (q, table, a, b, labels, lse)
+
+
+def _token_losses_bwd(static, residuals, g):
+    chunk, cap, smoothing, z_loss, scale = static
+    q, table, a, b, labels, lse = residuals
+    input_dim = table.shape[0]
+    b32 = None if b is None else b.astype(jnp.float32)
+    low_rank = None if b is None else q @ b32.T
+    starts, firsts = _starts(input_dim, chunk)
+    columns = jnp.arange(chunk, dtype=jnp.int32)
+    softmax_weight = g * (1 + 2 * z_loss * lse)  # d loss / d logsumexp, per token
+
+    def body(carry, start_first):
+        dq, d_table, d_a, d_low_rank = carry
+        start, first = start_first
+        rows, a_rows = _chunk_rows(table, a, start, chunk)
+        raw = _chunk_logits(q, low_rank, rows, a_rows, scale)
+        logits = soft_cap(raw, cap)
+        new = (start + columns) >= first
+        probs = jnp.where(new, jnp.exp(logits - lse[:, None]), 0.0)
+        onehot = (labels[:, None] == start + columns) & new
+        d_logits = softmax_weight[:, None] * probs - g[:, None] * (
+            (1 - smoothing) * onehot + jnp.where(new, smoothing / input_dim, 0.0)
+        )
+        if cap is not None:
+            d_logits = d_logits * (1 - jnp.square(jnp.tanh(raw / cap)))
+        dq = dq + d_logits @ rows
+        d_rows = jnp.where(new[:, None], d_logits.T @ q, 0.0)
+        d_table = jax.lax.dynamic_update_slice_in_dim(
+            d_table,
+            jax.lax.dynamic_slice_in_dim(d_table, start, chunk) + d_rows.astype(d_table.dtype),
+            start,
+            0,
+        )
+        if a_rows is not None:
+            d_low_rank = d_low_rank + scale * (d_logits @ a_rows)
+            d_a_rows = jnp.where(new[:, None], scale * (d_logits.T @ low_rank), 0.0)
+            d_a = jax.lax.dynamic_update_slice_in_dim(
+                d_a,
+                jax.lax.dynamic_slice_in_dim(d_a, start, chunk) + d_a_rows.astype(d_a.dtype),
+                start,
+                0,
+            )
+        return (dq, d_table, d_a, d_low_rank), None
+
+    rank = 0 if b is None else b.shape[0]
+    init = (
+        jnp.zeros_like(q),
+        jnp.zeros(table.shape, jnp.float32),
+        None if a is None else jnp.zeros(a.shape, jnp.float32),
+        jnp.zeros((q.shape[0], rank), jnp.float32),
+    )
+    (dq, d_table, d_a, d_low_rank), _ = jax.lax.scan(body, init, (starts, firsts))
+    d_b = None
+    if b is not None:
+        dq = dq + d_low_rank @ b32
+        d_b = (d_low_rank.T @ q).astype(b.dtype)
+        d_a = d_a.astype(a.dtype)
+    labels_cotangent = np.zeros(labels.shape, jax.dtypes.float0)
+    return dq, d_table.astype(table.dtype), d_a, d_b, labels_cotangent
+
+
+_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
+
+
+def _mask(where: Any, shape: tuple[int, ...]) -> jax.Array | None:
+    if where is None:
+        return None
+    mask = jnp.asarray(where)
+    if mask.dtype != jnp.bool_ or mask.shape != shape:
+        raise ValueError(
+            f"`where` must be a bool array of shape query.shape[:-1] = {shape}. Received: "
+            f"where of shape {tuple(mask.shape)} and dtype {mask.dtype}."
+        )
+    return mask
+
+
+def attend_cross_entropy(
+    params: _table.Params,
+    query: ArrayLike,
+    labels: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    lora_alpha: float | None = None,
+    logit_soft_cap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    out_of_range: str = "error",
+    dtype: DTypeLike | None = None,
+) -> jax.Array:
+    """Softmax cross-entropy of the tied logits `attend(params, query)`, never materialized.
+
+    Equals `optax.softmax_cross_entropy_with_integer_labels(jaxembed.attend(params, query,
+    lora_alpha=..., logit_soft_cap=...), labels)`, with optional label smoothing and z-loss,
+    reduced over the positions where `where` is True. Memory: one `(tokens, chunk_size)`
+    float32 block of logits at a time, forward and backward.
+
+    Args:
+        params: from `init` (LoRA adapters included, as `attend` computes them).
+        query: floating `(..., output_dim)`.
+        labels: integer `query.shape[:-1]`; at unmasked positions an id outside
+            `[0, input_dim)` follows `out_of_range` as `apply`'s ids do ("error": an error
+            where one can be raised, a NaN loss under plain jit; "fill": NaN loss; "clip": the
+            nearest class). Labels at masked positions are ignored, whatever their value.
+        where: bool `query.shape[:-1]` (e.g. `compute_mask(ids, True)`), True = counted.
+        lora_alpha: as `attend`.
+        logit_soft_cap: `c * tanh(logits / c)` before everything else (Gemma 2).
+        label_smoothing: `a`: targets `(1 - a) * onehot + a / input_dim` (as optax).
+        z_loss: adds `z_loss * logsumexp**2` per position (PaLM).
+        reduction: "mean" over counted positions (0 when there are none), "sum", or "none"
+            (per-position losses, 0 where masked).
+        chunk_size: vocabulary rows per chunk; None picks about 8 MiB of logits per chunk.
+        out_of_range: the policy for labels, as `apply`'s for ids.
+        dtype: dtype of the logits' inputs (query and table are cast to it before the
+            float32 accumulation); None promotes query and table, as `attend`.
+
+    Returns:
+        A float32 scalar, or `query.shape[:-1]` losses with reduction="none".
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxembed
+        >>> params = jaxembed.init(jax.random.key(0), 5000, 8)
+        >>> query = jnp.ones((2, 3, 8))
+        >>> labels = jnp.array([[1, 2, 0], [4, 0, 0]])
+        >>> mask = jaxembed.compute_mask(labels, mask_zero=True)  # 0 = padding
+        >>> jaxembed.attend_cross_entropy(params, query, labels, where=mask).shape
+        ()
+    """
+    table = _table.view(params)
+    query = _checks.floating_array("query", query)
+    _checks.last_dim("query", query, table.output_dim, "output_dim")
+    positions = tuple(query.shape[:-1])
+    mask = _mask(where, positions)
+    labels = _checks.integer_ids(labels, "labels")
+    if tuple(labels.shape) != positions:
+        raise ValueError(
+            f"`labels` must have shape query.shape[:-1] = {positions}. "
+            f"Received: labels of shape {tuple(labels.shape)}."
+        )
+    if mask is not None:  # masked labels are ignored: never checked, never looked up
+        if isinstance(labels, np.ndarray) and not _checks.is_traced(mask):
+            labels = np.where(np.asarray(mask), labels, 0)  # exact, before any narrowing
+        else:
+            labels = jnp.where(mask, jnp.asarray(labels), 0)
+    indices = _out_of_range.prepare(labels, table.input_dim, out_of_range)
+    _checks.one_of("reduction", reduction, ("mean", "sum", "none"))
+    smoothing = _checks.non_negative_float("label_smoothing", label_smoothing)
+    if smoothing > 1:
+        raise ValueError(
+            f"`label_smoothing` must lie in [0, 1]. Received: label_smoothing={label_smoothing}."
+        )
+    z_loss = _checks.non_negative_float("z_loss", z_loss)
+    if logit_soft_cap is not None:
+        logit_soft_cap = _checks.positive_number("logit_soft_cap", logit_soft_cap)
+    lora.check_alpha(lora_alpha)
+    dtype = _checks.optional_floating_dtype("dtype", dtype) or jnp.result_type(query, table.dtype)
+    tokens = int(np.prod(positions, dtype=np.int64))
+    chunk = (
+        _default_chunk(tokens, table.input_dim)
+        if chunk_size is None
+        else min(_checks.positive_int("chunk_size", chunk_size), table.input_dim)
+    )
+    adapter = table.adapter
+    scale = 0.0 if adapter is None else lora.scale(adapter.rank, lora_alpha)
+    static = (chunk, logit_soft_cap, smoothing, z_loss, scale)  # hashable, not traced
+    flat_query = query.reshape(tokens, table.output_dim).astype(dtype).astype(jnp.float32)
+    flat_labels = indices.ids.reshape(tokens)
+    losses = _token_losses(
+        static,
+        flat_query,
+        table.dense().astype(dtype),
+        None if adapter is None else adapter.a,
+        None if adapter is None else adapter.b,
+        jnp.clip(flat_labels, 0, table.input_dim - 1),
+    )
+    if indices.fill:  # a label outside the table: NaN, never a silent wrong loss
+        losses = jnp.where(indices.valid(table.input_dim).reshape(tokens), losses, jnp.nan)
+    losses = losses.reshape(positions)
+    if mask is not None:
+        losses = jnp.where(mask, losses, 0.0)
+    if reduction == "none":
+        return losses
+    total = jnp.sum(losses)
+    if reduction == "sum":
+        return total
+    count = losses.size if mask is None else jnp.sum(mask)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
