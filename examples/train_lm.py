@@ -83,12 +83,13 @@ class ByteLM(nn.Module):
     lora_alpha: float | None = None
 
     @nn.compact
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        """`(batch, length)` ids, 0 = padding -> `(batch, length, VOCAB_SIZE)` logits."""
+    def __call__(self, ids: jax.Array, targets: jax.Array | None = None) -> jax.Array:
+        """`(batch, length)` ids, 0 = padding -> `(batch, length, VOCAB_SIZE)` logits, or
+        with `targets` the mean next-byte cross-entropy over the real (non-padding) targets."""
         if ids.shape[-1] > self.max_len:  # static shape: fails at trace time, not silently
             raise ValueError(f"sequences of {ids.shape[-1]} ids exceed max_len={self.max_len}")
-        # "clip", because the default "error" cannot check traced ids inside jax.jit without
-        # checkify; main checks the data eagerly once instead, so clipping never changes an id.
+        # "clip": main checks the data eagerly once, so clipping never changes an id and the
+        # jitted steps skip even the NaN fill of the default "error" policy.
         tokens = jaxembed.Embedding(
             VOCAB_SIZE,
             self.d_model,
@@ -109,7 +110,12 @@ class ByteLM(nn.Module):
         x = tokens(ids) + positions(jnp.arange(ids.shape[-1]))
         for _ in range(self.num_layers):
             x = Block(self.num_heads)(x, attention_mask)
-        return tokens.attend(nn.LayerNorm()(x))
+        hidden = nn.LayerNorm()(x)
+        if targets is None:
+            return tokens.attend(hidden)
+        # Tied logits and their cross-entropy fused: the (batch, length, vocab) logits and
+        # their gradient are never materialized.
+        return tokens.attend_cross_entropy(hidden, targets, where=targets != PAD)
 
 
 def init_params(model: ByteLM, key: jax.Array) -> Params:
@@ -121,11 +127,8 @@ def init_params(model: ByteLM, key: jax.Array) -> Params:
 def masked_loss(model: ByteLM, params: Params, batch: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean next-byte cross-entropy over real bytes only, and how many there were."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model.apply({"params": params}, inputs)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    weights = (targets != PAD).astype(losses.dtype)
-    count = weights.sum()
-    return (losses * weights).sum() / jnp.maximum(count, 1.0), count
+    loss = model.apply({"params": params}, inputs, targets)
+    return loss, (targets != PAD).sum().astype(loss.dtype)
 
 
 def fit(name, model, params, tx, batches, steps, eval_sets, args, *, adapters_only=False):

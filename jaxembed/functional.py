@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _checks, _mesh, _out_of_range, _table, initializers, lora
+from jaxembed import _checks, _mesh, _out_of_range, _table, initializers, lora, loss
 from jaxembed._table import Params
 
 __all__ = [
@@ -216,6 +216,7 @@ def attend(
     *,
     dtype: DTypeLike | None = None,
     lora_alpha: float | None = None,
+    logit_soft_cap: float | None = None,
 ) -> jax.Array:
     """Tied-weights logits: the inner product of each query vector with every embedding.
 
@@ -227,9 +228,13 @@ def attend(
         query: floating array of shape `(..., output_dim)`.
         dtype: compute and output dtype; None promotes query and table (as flax's `attend`).
         lora_alpha: LoRA scale numerator; None means the rank.
+        logit_soft_cap: `c * tanh(logits / c)` on the logits (Gemma 2); None: no capping.
 
     Returns:
         `query @ embeddings.T`, shape `(..., input_dim)`.
+
+    For a cross-entropy loss over these logits, `jaxembed.attend_cross_entropy` computes the
+    same numbers without ever holding the `(..., input_dim)` logits.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed
@@ -242,11 +247,13 @@ def attend(
     _checks.last_dim("query", query, table.output_dim, "output_dim")
     dtype = _checks.optional_floating_dtype("dtype", dtype) or jnp.result_type(query, table.dtype)
     lora.check_alpha(lora_alpha)
+    if logit_soft_cap is not None:
+        logit_soft_cap = _checks.positive_number("logit_soft_cap", logit_soft_cap)
     query = query.astype(dtype)
     shardings = _mesh.attend_shardings(query, table.leading)
     if shardings is not None:
         query = jax.sharding.reshard(query, shardings.query)
     logits = table.contract(query, shardings)
-    if table.adapter is None:
-        return logits
-    return lora.add_to_logits(logits, query, table.adapter, lora_alpha, shardings)
+    if table.adapter is not None:
+        logits = lora.add_to_logits(logits, query, table.adapter, lora_alpha, shardings)
+    return loss.soft_cap(logits, logit_soft_cap)

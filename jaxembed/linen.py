@@ -25,6 +25,7 @@ from jaxembed import (
     functional,
     initializers,
     lora,
+    loss,
     regularizers,
 )
 
@@ -130,10 +131,24 @@ class Embedding(nn.Module):
         """`ids != 0` when `mask_zero`, else None."""
         return functional.compute_mask(ids, self.mask_zero)
 
-    def attend(self, query: ArrayLike) -> jax.Array:
+    def attend(self, query: ArrayLike, *, logit_soft_cap: float | None = None) -> jax.Array:
         """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`."""
         return functional.attend(
-            self._params(), query, dtype=self.dtype, lora_alpha=self.lora_alpha
+            self._params(),
+            query,
+            dtype=self.dtype,
+            lora_alpha=self.lora_alpha,
+            logit_soft_cap=logit_soft_cap,
+        )
+
+    def attend_cross_entropy(
+        self, query: ArrayLike, labels: ArrayLike, **options: Any
+    ) -> jax.Array:
+        """Cross-entropy of the tied logits against `labels`, never materializing the logits:
+        `jaxembed.attend_cross_entropy` (keywords `where`, `logit_soft_cap`, `reduction`, ...)
+        with this layer's params, `lora_alpha` and `dtype`."""
+        return loss.attend_cross_entropy(
+            self._params(), query, labels, lora_alpha=self.lora_alpha, dtype=self.dtype, **options
         )
 
 

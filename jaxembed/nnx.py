@@ -36,6 +36,7 @@ from jaxembed import (
     initializers,
     linen,
     lora,
+    loss,
     regularizers,
 )
 
@@ -147,8 +148,7 @@ class Embedding(nnx.Module):
         """`ids != 0` when `mask_zero`, else None."""
         return functional.compute_mask(ids, self.config.mask_zero)
 
-    def attend(self, query: ArrayLike) -> jax.Array:
-        """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`."""
+    def _refuse_row_sparse_tied(self) -> None:
         captures = getattr(self, "__captures__", ())
         if self.lora_rank is None and any(type(c) is RowGradient for c in captures):
             raise ValueError(
@@ -156,8 +156,32 @@ class Embedding(nnx.Module):
                 "logits give it a dense gradient, which a row-sparse update would drop. Train "
                 "tied tables densely or untie them."
             )
+
+    def attend(self, query: ArrayLike, *, logit_soft_cap: float | None = None) -> jax.Array:
+        """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`."""
+        self._refuse_row_sparse_tied()
         return functional.attend(
-            self.params(), query, dtype=self.config.dtype, lora_alpha=self.lora_alpha
+            self.params(),
+            query,
+            dtype=self.config.dtype,
+            lora_alpha=self.lora_alpha,
+            logit_soft_cap=logit_soft_cap,
+        )
+
+    def attend_cross_entropy(
+        self, query: ArrayLike, labels: ArrayLike, **options: Any
+    ) -> jax.Array:
+        """Cross-entropy of the tied logits against `labels`, never materializing the logits:
+        `jaxembed.attend_cross_entropy` (keywords `where`, `logit_soft_cap`, `reduction`, ...)
+        with this layer's params, `lora_alpha` and `dtype`."""
+        self._refuse_row_sparse_tied()
+        return loss.attend_cross_entropy(
+            self.params(),
+            query,
+            labels,
+            lora_alpha=self.lora_alpha,
+            dtype=self.config.dtype,
+            **options,
         )
 
     def regularization_penalty(self) -> jax.Array:

@@ -546,7 +546,7 @@ def linen_value_and_grad(
 
             def perturb(next_fun, call_args, call_kwargs, context):
                 path = table_path(context, tables)
-                if path is not None and context.method_name == "attend":
+                if path is not None and context.method_name.startswith("attend"):
                     raise ValueError(
                         f"linen_value_and_grad: the table {path!r} is tied (`attend`): the "
                         "logits give it a dense gradient, which a row-sparse update would "
