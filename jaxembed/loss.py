@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,115 +77,6 @@ def _starts(input_dim: int, chunk: int) -> tuple[jax.Array, jax.Array]:
     firsts = np.arange(count) * chunk
     starts = np.minimum(firsts, input_dim - chunk)
     return jnp.asarray(starts, jnp.int32), jnp.asarray(firsts, jnp.int32)
-
-
-def _forward(static, q, table, a, b, labels):
-    chunk, cap, smoothing, z_loss, scale = static
-    input_dim = table.shape[0]
-    tokens = q.shape[0]
-    low_rank = None if b is None else q @ b.astype(jnp.float32).T
-    starts, firsts = _starts(input_dim, chunk)
-    columns = jnp.arange(chunk, dtype=jnp.int32)
-
-    def body(carry, start_first):
-        running_max, running_sum, logit_sum, label_logit = carry
-        start, first = start_first
-        rows, a_rows = _chunk_rows(table, a, start, chunk)
-        logits = soft_cap(_chunk_logits(q, low_rank, rows, a_rows, scale), cap)
-        new = (start + columns) >= first  # rows not counted by an earlier chunk
-        masked = jnp.where(new, logits, -jnp.inf)
-        new_max = jnp.maximum(running_max, masked.max(axis=1))
-        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(
-            masked - new_max[:, None]
-        ).sum(axis=1)
-        logit_sum = logit_sum + jnp.where(new, logits, 0.0).sum(axis=1)
-        local = labels - start
-        hit = (local >= 0) & (local < chunk) & (labels >= first)
-        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[:, None], axis=1)
-        label_logit = label_logit + jnp.where(hit, picked[:, 0], 0.0)
-        return (new_max, running_sum, logit_sum, label_logit), None
-
-    zeros = jnp.zeros((tokens,), jnp.float32)
-    init = (jnp.full((tokens,), -jnp.inf, jnp.float32), zeros, zeros, zeros)
-    (running_max, running_sum, logit_sum, label_logit), _ = jax.lax.scan(
-        body, init, (starts, firsts)
-    )
-    lse = running_max + jnp.log(running_sum)
-    loss = lse - (1 - smoothing) * label_logit - smoothing * logit_sum / input_dim
-    return loss + z_loss * jnp.square(lse), lse
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _token_losses(static, q, table, a, b, labels):
-    return _forward(static, q, table, a, b, labels)[0]
-
-
-def _token_losses_fwd(static, q, table, a, b, labels):
-    loss, lse = _forward(static, q, table, a, b, labels)
-    return loss, (q, table, a, b, labels, lse)
-
-
-def _token_losses_bwd(static, residuals, g):
-    chunk, cap, smoothing, z_loss, scale = static
-    q, table, a, b, labels, lse = residuals
-    input_dim = table.shape[0]
-    b32 = None if b is None else b.astype(jnp.float32)
-    low_rank = None if b is None else q @ b32.T
-    starts, firsts = _starts(input_dim, chunk)
-    columns = jnp.arange(chunk, dtype=jnp.int32)
-    softmax_weight = g * (1 + 2 * z_loss * lse)  # d loss / d logsumexp, per token
-
-    def body(carry, start_first):
-        dq, d_table, d_a, d_low_rank = carry
-        start, first = start_first
-        rows, a_rows = _chunk_rows(table, a, start, chunk)
-        raw = _chunk_logits(q, low_rank, rows, a_rows, scale)
-        logits = soft_cap(raw, cap)
-        new = (start + columns) >= first
-        probs = jnp.where(new, jnp.exp(logits - lse[:, None]), 0.0)
-        onehot = (labels[:, None] == start + columns) & new
-        d_logits = softmax_weight[:, None] * probs - g[:, None] * (
-            (1 - smoothing) * onehot + jnp.where(new, smoothing / input_dim, 0.0)
-        )
-        if cap is not None:
-            d_logits = d_logits * (1 - jnp.square(jnp.tanh(raw / cap)))
-        dq = dq + d_logits @ rows
-        d_rows = jnp.where(new[:, None], d_logits.T @ q, 0.0)
-        d_table = jax.lax.dynamic_update_slice_in_dim(
-            d_table,
-            jax.lax.dynamic_slice_in_dim(d_table, start, chunk) + d_rows.astype(d_table.dtype),
-            start,
-            0,
-        )
-        if a_rows is not None:
-            d_low_rank = d_low_rank + scale * (d_logits @ a_rows)
-            d_a_rows = jnp.where(new[:, None], scale * (d_logits.T @ low_rank), 0.0)
-            d_a = jax.lax.dynamic_update_slice_in_dim(
-                d_a,
-                jax.lax.dynamic_slice_in_dim(d_a, start, chunk) + d_a_rows.astype(d_a.dtype),
-                start,
-                0,
-            )
-        return (dq, d_table, d_a, d_low_rank), None
-
-    rank = 0 if b is None else b.shape[0]
-    init = (
-        jnp.zeros_like(q),
-        jnp.zeros(table.shape, jnp.float32),
-        None if a is None else jnp.zeros(a.shape, jnp.float32),
-        jnp.zeros((q.shape[0], rank), jnp.float32),
-    )
-    (dq, d_table, d_a, d_low_rank), _ = jax.lax.scan(body, init, (starts, firsts))
-    d_b = None
-    if b is not None:
-        dq = dq + d_low_rank @ b32
-        d_b = (d_low_rank.T @ q).astype(b.dtype)
-        d_a = d_a.astype(a.dtype)
-    labels_cotangent = np.zeros(labels.shape, jax.dtypes.float0)
-    return dq, d_table.astype(table.dtype), d_a, d_b, labels_cotangent
-
-
-_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
 def _mask(where: Any, shape: tuple[int, ...]) -> jax.Array | None:
@@ -253,6 +144,225 @@ def attend_cross_entropy(
         >>> jaxembed.attend_cross_entropy(params, query, labels, where=mask).shape
         ()
     """
+    setup = _setup(
+        params,
+        query,
+        labels,
+        where=where,
+        lora_alpha=lora_alpha,
+        logit_soft_cap=logit_soft_cap,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        out_of_range=out_of_range,
+        dtype=dtype,
+    )
+    table, adapter = setup.table, setup.table.adapter
+    tokens = setup.query.shape[0]
+    static = (setup.chunk(tokens, table.input_dim), setup.logit_soft_cap, setup.scale)
+    statistics = _whole_table_statistics(
+        static,
+        setup.query,
+        table.dense().astype(setup.dtype),
+        None if adapter is None else adapter.a,
+        None if adapter is None else adapter.b,
+        setup.labels,
+    )
+    losses = _losses_from_statistics(*statistics, setup.smoothing, setup.z_loss, table.input_dim)
+    return setup.reduce(losses)
+
+
+# The walk: a table (the whole one, or a shard of it in
+# `jaxembed.sharding.vocab_parallel_attend_cross_entropy`) yields per-token statistics, which
+# become losses (after per-token collectives across shards) and are reduced.
+
+
+def _partial_forward(static, q, table, a, b, labels):
+    """Per-token `(logsumexp, label logit, logit sum)` over the rows of `table` (a shard).
+
+    `labels` are row indices into `table`; one outside `[0, rows)` names no row here (its
+    label logit is 0). `static` is `(chunk, logit_soft_cap, lora_scale)`.
+    """
+    chunk, cap, scale = static
+    tokens = q.shape[0]
+    low_rank = None if b is None else q @ b.astype(jnp.float32).T
+    starts, firsts = _starts(table.shape[0], chunk)
+    columns = jnp.arange(chunk, dtype=jnp.int32)
+
+    def body(carry, start_first):
+        running_max, running_sum, logit_sum, label_logit = carry
+        start, first = start_first
+        rows, a_rows = _chunk_rows(table, a, start, chunk)
+        logits = soft_cap(_chunk_logits(q, low_rank, rows, a_rows, scale), cap)
+        new = (start + columns) >= first  # rows not counted by an earlier chunk
+        masked = jnp.where(new, logits, -jnp.inf)
+        new_max = jnp.maximum(running_max, masked.max(axis=1))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(
+            masked - new_max[:, None]
+        ).sum(axis=1)
+        logit_sum = logit_sum + jnp.where(new, logits, 0.0).sum(axis=1)
+        local = labels - start
+        hit = (local >= 0) & (local < chunk) & (labels >= first)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[:, None], axis=1)
+        label_logit = label_logit + jnp.where(hit, picked[:, 0], 0.0)
+        return (new_max, running_sum, logit_sum, label_logit), None
+
+    # `*_like(q)`: inside shard_map the carries vary over the mesh axes the inputs vary over.
+    zeros = jnp.zeros_like(q, jnp.float32, shape=(tokens,))
+    init = (jnp.full_like(q, -jnp.inf, jnp.float32, shape=(tokens,)), zeros, zeros, zeros)
+    (running_max, running_sum, logit_sum, label_logit), _ = jax.lax.scan(
+        body, init, (starts, firsts)
+    )
+    return running_max + jnp.log(running_sum), label_logit, logit_sum
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _partial_statistics(static, q, table, a, b, labels):
+    """`_partial_forward`, differentiable: the backward pass recomputes each chunk's logits, so
+    forward and backward hold one `(tokens, chunk)` block at a time, never the logits."""
+    return _partial_forward(static, q, table, a, b, labels)
+
+
+def _partial_statistics_fwd(static, q, table, a, b, labels):
+    lse, label_logit, logit_sum = _partial_forward(static, q, table, a, b, labels)
+    return (lse, label_logit, logit_sum), (q, table, a, b, labels, lse)
+
+
+def _partial_statistics_bwd(static, residuals, cotangents):
+    chunk, cap, scale = static
+    q, table, a, b, labels, lse = residuals
+    g_lse, g_label, g_sum = cotangents  # per token
+    b32 = None if b is None else b.astype(jnp.float32)
+    low_rank = None if b is None else q @ b32.T
+    starts, firsts = _starts(table.shape[0], chunk)
+    columns = jnp.arange(chunk, dtype=jnp.int32)
+
+    def body(carry, start_first):
+        dq, d_table, d_a, d_low_rank = carry
+        start, first = start_first
+        rows, a_rows = _chunk_rows(table, a, start, chunk)
+        raw = _chunk_logits(q, low_rank, rows, a_rows, scale)
+        logits = soft_cap(raw, cap)
+        new = (start + columns) >= first
+        probs = jnp.where(new, jnp.exp(logits - lse[:, None]), 0.0)
+        onehot = (labels[:, None] == start + columns) & new
+        d_logits = (
+            g_lse[:, None] * probs
+            + jnp.where(onehot, g_label[:, None], 0.0)
+            + jnp.where(new, g_sum[:, None], 0.0)
+        )
+        if cap is not None:
+            d_logits = d_logits * (1 - jnp.square(jnp.tanh(raw / cap)))
+        dq = dq + d_logits @ rows
+        d_rows = jnp.where(new[:, None], d_logits.T @ q, 0.0)
+        d_table = jax.lax.dynamic_update_slice_in_dim(
+            d_table,
+            jax.lax.dynamic_slice_in_dim(d_table, start, chunk) + d_rows.astype(d_table.dtype),
+            start,
+            0,
+        )
+        if a_rows is not None:
+            d_low_rank = d_low_rank + scale * (d_logits @ a_rows)
+            d_a_rows = jnp.where(new[:, None], scale * (d_logits.T @ low_rank), 0.0)
+            d_a = jax.lax.dynamic_update_slice_in_dim(
+                d_a,
+                jax.lax.dynamic_slice_in_dim(d_a, start, chunk) + d_a_rows.astype(d_a.dtype),
+                start,
+                0,
+            )
+        return (dq, d_table, d_a, d_low_rank), None
+
+    rank = 0 if b is None else b.shape[0]
+    init = (
+        jnp.zeros_like(q),
+        jnp.zeros_like(table, jnp.float32),
+        None if a is None else jnp.zeros_like(a, jnp.float32),
+        jnp.zeros_like(q, jnp.float32, shape=(q.shape[0], rank)),
+    )
+    (dq, d_table, d_a, d_low_rank), _ = jax.lax.scan(body, init, (starts, firsts))
+    d_b = None
+    if b is not None:
+        dq = dq + d_low_rank @ b32
+        d_b = (d_low_rank.T @ q).astype(b.dtype)
+        d_a = d_a.astype(a.dtype)
+    labels_cotangent = np.zeros(labels.shape, jax.dtypes.float0)
+    return dq, d_table.astype(table.dtype), d_a, d_b, labels_cotangent
+
+
+_partial_statistics.defvjp(_partial_statistics_fwd, _partial_statistics_bwd)
+
+# Jitted once per shape and settings: an eager call would otherwise retrace the chunk loop.
+_whole_table_statistics = jax.jit(_partial_statistics, static_argnums=0)
+
+
+def _losses_from_statistics(lse, label_logit, logit_sum, smoothing, z_loss, input_dim):
+    """Per-token losses from whole-vocabulary statistics: logsumexp minus the (smoothed) target
+    logit, plus the z-loss."""
+    loss = lse - (1 - smoothing) * label_logit - smoothing * logit_sum / input_dim
+    return loss + z_loss * jnp.square(lse)
+
+
+class _Setup(NamedTuple):
+    """`attend_cross_entropy`'s checked arguments, flattened to `tokens` positions."""
+
+    table: _table.Table
+    positions: tuple[int, ...]
+    mask: jax.Array | None
+    indices: _out_of_range.Indices
+    query: jax.Array
+    """`(tokens, output_dim)` float32, rounded through `dtype` first."""
+    labels: jax.Array
+    """`(tokens,)`, clipped into `[0, input_dim)` (bad ones are handled by `reduce`)."""
+    dtype: Any
+    reduction: str
+    smoothing: float
+    z_loss: float
+    logit_soft_cap: float | None
+    scale: float
+    chunk_size: int | None
+
+    def chunk(self, tokens: int, rows: int) -> int:
+        """Rows per chunk for `tokens` positions against `rows` rows of the table."""
+        if self.chunk_size is None:
+            return _default_chunk(tokens, rows)
+        return min(self.chunk_size, rows)
+
+    def reduce(self, losses: jax.Array) -> jax.Array:
+        """Per-token losses `(tokens,)` -> the loss `attend_cross_entropy` returns."""
+        input_dim = self.table.input_dim
+        tokens = losses.shape[0]
+        if self.indices.fill:  # a label outside the table: NaN, never a silent wrong loss
+            valid = self.indices.valid(input_dim).reshape(tokens)
+            losses = jnp.where(valid, losses, jnp.nan)
+        losses = losses.reshape(self.positions)
+        if self.mask is not None:
+            losses = jnp.where(self.mask, losses, 0.0)
+        if self.reduction == "none":
+            return losses
+        total = jnp.sum(losses)
+        if self.reduction == "sum":
+            return total
+        count = losses.size if self.mask is None else jnp.sum(self.mask)
+        return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
+def _setup(
+    params: _table.Params,
+    query: ArrayLike,
+    labels: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    lora_alpha: float | None = None,
+    logit_soft_cap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    out_of_range: str = "error",
+    dtype: DTypeLike | None = None,
+) -> _Setup:
+    """The checks and preparation of `attend_cross_entropy`, in its order and words."""
     table = _table.view(params)
     query = _checks.floating_array("query", query)
     _checks.last_dim("query", query, table.output_dim, "output_dim")
@@ -267,8 +377,15 @@ def attend_cross_entropy(
     if mask is not None:  # masked labels are ignored: never checked, never looked up
         if isinstance(labels, np.ndarray) and not _checks.is_traced(mask):
             labels = np.where(np.asarray(mask), labels, 0)  # exact, before any narrowing
+        elif isinstance(labels, np.ndarray):
+            # A traced mask needs device labels: narrow host labels so that an out-of-range
+            # one stays out of range (an int64 2**32 + 3 must not become row 3).
+            index_dtype = _out_of_range.index_dtype(table.input_dim)
+            labels = jnp.where(
+                mask, _out_of_range._representable(labels, table.input_dim, index_dtype), 0
+            )
         else:
-            labels = jnp.where(mask, jnp.asarray(labels), 0)
+            labels = jnp.where(mask, labels, 0)
     indices = _out_of_range.prepare(labels, table.input_dim, out_of_range)
     _checks.one_of("reduction", reduction, ("mean", "sum", "none"))
     smoothing = _checks.non_negative_float("label_smoothing", label_smoothing)
@@ -281,34 +398,22 @@ def attend_cross_entropy(
         logit_soft_cap = _checks.positive_number("logit_soft_cap", logit_soft_cap)
     lora.check_alpha(lora_alpha)
     dtype = _checks.optional_floating_dtype("dtype", dtype) or jnp.result_type(query, table.dtype)
+    if chunk_size is not None:
+        chunk_size = _checks.positive_int("chunk_size", chunk_size)
     tokens = int(np.prod(positions, dtype=np.int64))
-    chunk = (
-        _default_chunk(tokens, table.input_dim)
-        if chunk_size is None
-        else min(_checks.positive_int("chunk_size", chunk_size), table.input_dim)
-    )
     adapter = table.adapter
-    scale = 0.0 if adapter is None else lora.scale(adapter.rank, lora_alpha)
-    static = (chunk, logit_soft_cap, smoothing, z_loss, scale)  # hashable, not traced
-    flat_query = query.reshape(tokens, table.output_dim).astype(dtype).astype(jnp.float32)
-    flat_labels = indices.ids.reshape(tokens)
-    losses = _token_losses(
-        static,
-        flat_query,
-        table.dense().astype(dtype),
-        None if adapter is None else adapter.a,
-        None if adapter is None else adapter.b,
-        jnp.clip(flat_labels, 0, table.input_dim - 1),
+    return _Setup(
+        table=table,
+        positions=positions,
+        mask=mask,
+        indices=indices,
+        query=query.reshape(tokens, table.output_dim).astype(dtype).astype(jnp.float32),
+        labels=jnp.clip(indices.ids.reshape(tokens), 0, table.input_dim - 1),
+        dtype=dtype,
+        reduction=reduction,
+        smoothing=smoothing,
+        z_loss=z_loss,
+        logit_soft_cap=logit_soft_cap,
+        scale=0.0 if adapter is None else lora.scale(adapter.rank, lora_alpha),
+        chunk_size=chunk_size,
     )
-    if indices.fill:  # a label outside the table: NaN, never a silent wrong loss
-        losses = jnp.where(indices.valid(table.input_dim).reshape(tokens), losses, jnp.nan)
-    losses = losses.reshape(positions)
-    if mask is not None:
-        losses = jnp.where(mask, losses, 0.0)
-    if reduction == "none":
-        return losses
-    total = jnp.sum(losses)
-    if reduction == "sum":
-        return total
-    count = losses.size if mask is None else jnp.sum(mask)
-    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)

@@ -24,6 +24,12 @@ Plain `jax.jit(optimizer.update)` on such a table is refused on Explicit axes (i
 sorts ids sharded over the batch; JAX 0.10) and, on Auto axes, moves row-sized arrays too but
 more of them (all-reduces of the touched rows of the table and of the state over the vocab
 axis).
+
+`vocab_parallel_attend_cross_entropy` is `jaxembed.attend_cross_entropy` on a vocab-sharded
+table: each shard walks its own rows for its own tokens and only per-token statistics cross
+devices (a partial logsumexp, the label's logit, the logits' sum). Plain `jax.jit` of
+`attend_cross_entropy` on such a table is refused on Explicit axes and, on Auto axes,
+all-gathers the whole table forward and backward (JAX 0.10).
 """
 
 from __future__ import annotations
@@ -36,10 +42,16 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _checks, _mesh, _out_of_range, _table, lora, sparse
+from jaxembed import _checks, _mesh, _out_of_range, _table, lora, loss, sparse
 from jaxembed._mesh import SpecEntry, attend_shardings, gather_sharding
 
-__all__ = ["attend_shardings", "gather_sharding", "vocab_parallel_apply", "vocab_parallel_update"]
+__all__ = [
+    "attend_shardings",
+    "gather_sharding",
+    "vocab_parallel_apply",
+    "vocab_parallel_attend_cross_entropy",
+    "vocab_parallel_update",
+]
 
 
 def _context_mesh(caller: str = "vocab_parallel_apply", arrays: str = "the params or ids") -> Any:
@@ -302,3 +314,160 @@ def vocab_parallel_update(
     return jax.shard_map(
         local_update, mesh=mesh, in_specs=specs, out_specs=(table_spec, state_specs)
     )(*arrays)
+
+
+def _varying_alike(*arrays: Any) -> tuple[Any, ...]:
+    """`arrays` (None kept), each made varying over every mesh axis any of them varies over.
+
+    Inside `shard_map` a `custom_vjp` must return cotangents typed like its inputs; casting
+    the inputs first lets shard_map's transpose sum each gradient over the axes its input was
+    replicated on (the table's over the batch axes, the query's over the vocab axis).
+    """
+
+    def varying(x: Any) -> frozenset[str]:
+        aval = jax.typeof(x)  # `.vma` before JAX 0.10, `.manual_axis_type.varying` since
+        return aval.manual_axis_type.varying if hasattr(aval, "manual_axis_type") else aval.vma
+
+    axes = set().union(*(varying(x) for x in arrays if x is not None))
+
+    def cast(x: Any) -> Any:
+        missing = tuple(sorted(axes - varying(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return tuple(None if x is None else cast(x) for x in arrays)
+
+
+def vocab_parallel_attend_cross_entropy(
+    params: _table.Params,
+    query: ArrayLike,
+    labels: ArrayLike,
+    *,
+    vocab_axis: str,
+    mesh: jax.sharding.Mesh | None = None,
+    batch_axes: SpecEntry = None,
+    where: ArrayLike | None = None,
+    lora_alpha: float | None = None,
+    logit_soft_cap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    out_of_range: str = "error",
+    dtype: DTypeLike | None = None,
+) -> jax.Array:
+    """`jaxembed.attend_cross_entropy` on a vocab-sharded table, as a `jax.shard_map` that
+    moves only per-token statistics between devices.
+
+    The table (and LoRA's A) is split by rows over `vocab_axis`; the query, labels and `where`
+    are split by their first dimension over `batch_axes`. Each device walks its own rows in
+    chunks (as `attend_cross_entropy` walks the whole table) for its own tokens, producing per
+    token a partial logsumexp, the label's logit if it owns the label, and the logits' sum;
+    one `pmax` and one `psum` over `vocab_axis`, each `(tokens, ...)`-sized with a few
+    numbers per token, complete them. No device holds the whole table or a logits block of
+    another device, forward or backward. The gradients follow the inputs: the table's (and
+    A's) stays split by rows over `vocab_axis` (summed over `batch_axes`, a table-shard-sized
+    all-reduce, as in any data-parallel step); the query's is summed over `vocab_axis`.
+
+    Plain `jax.jit` of `attend_cross_entropy` on such a table is refused on Explicit axes and,
+    on Auto axes, all-gathers the whole table forward and backward (JAX 0.10).
+
+    Args:
+        params: from `init` / `enable_lora`; input_dim divisible by the `vocab_axis` size.
+        query: floating `(..., output_dim)`; with `batch_axes`, of rank >= 2, its first
+            dimension divisible by their size.
+        labels: integer `query.shape[:-1]`.
+        vocab_axis: mesh axis that splits the vocabulary.
+        mesh: the device mesh (Auto or Explicit axes); None takes the mesh in the params' or
+            query's types, else the one set with `jax.set_mesh`.
+        batch_axes: mesh axis (or axes) that split the query's first dimension, or None.
+        where, lora_alpha, logit_soft_cap, label_smoothing, z_loss, reduction, chunk_size,
+        out_of_range, dtype: as `jaxembed.attend_cross_entropy` (`chunk_size` counts rows of
+            one shard; None picks about 8 MiB of logits per chunk on each device).
+
+    Returns:
+        A float32 scalar, or `query.shape[:-1]` losses with reduction="none".
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxembed
+        >>> mesh = jax.make_mesh((1,), ("model",))
+        >>> params = jaxembed.init(jax.random.key(0), 8, 2)
+        >>> query, labels = jnp.ones((3, 2)), jnp.array([1, 7, 0])
+        >>> loss = jaxembed.sharding.vocab_parallel_attend_cross_entropy(
+        ...     params, query, labels, mesh=mesh, vocab_axis="model")
+        >>> bool(jnp.allclose(loss, jaxembed.attend_cross_entropy(params, query, labels)))
+        True
+    """
+    caller = "vocab_parallel_attend_cross_entropy"
+    setup = loss._setup(
+        params,
+        query,
+        labels,
+        where=where,
+        lora_alpha=lora_alpha,
+        logit_soft_cap=logit_soft_cap,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        out_of_range=out_of_range,
+        dtype=dtype,
+    )
+    table = setup.table
+    input_dim = table.input_dim
+    mesh = (
+        mesh
+        or _mesh.explicit_mesh(table.leading, query)
+        or _context_mesh(caller, "the params or query")
+    )
+    shards = _vocab_axis_size(mesh, vocab_axis, input_dim, caller)
+    batch = _without_trivial_axes(mesh, batch_axes)
+    batch_size = int(np.prod([mesh.shape[name] for name in _mesh._axes([batch])], dtype=int))
+    if batch is not None and (len(setup.positions) == 0 or setup.positions[0] % batch_size):
+        raise ValueError(
+            f"{caller} splits the query's first dimension over batch_axes={batch_axes!r} "
+            f"({batch_size} devices): it needs query of rank >= 2 with that dimension "
+            f"divisible by {batch_size}. Received: query of shape "
+            f"{(*setup.positions, table.output_dim)}."
+        )
+    tokens = setup.query.shape[0]
+    shard_rows = input_dim // shards
+    kind = table.kind
+    static = (setup.chunk(tokens // batch_size, shard_rows), setup.logit_soft_cap, setup.scale)
+
+    def local_losses(table_shards, adapter_shards, shard_query, shard_labels):
+        table_shard = kind.dense(table_shards).astype(setup.dtype)
+        a, b = adapter_shards or (None, None)
+        # Labels outside [0, shard_rows) name rows of other shards: no label logit here.
+        offset = jax.lax.axis_index(vocab_axis) * shard_rows
+        shard_labels = shard_labels - offset.astype(shard_labels.dtype)
+        lse, label_logit, logit_sum = loss._partial_statistics(
+            static, *_varying_alike(shard_query, table_shard, a, b), shard_labels
+        )
+        # One pmax and one psum of a few numbers per token combine the shards.
+        top = jax.lax.pmax(jax.lax.stop_gradient(lse), vocab_axis)
+        sums = jax.lax.psum(jnp.stack([jnp.exp(lse - top), label_logit, logit_sum]), vocab_axis)
+        return loss._losses_from_statistics(
+            top + jnp.log(sums[0]), sums[1], sums[2], setup.smoothing, setup.z_loss, input_dim
+        )
+
+    def split_rows(array: Any) -> PartitionSpec:
+        return PartitionSpec(vocab_axis, *(None,) * (np.ndim(array) - 1))
+
+    adapter = tuple(table.adapter or ())
+    tokens_spec = PartitionSpec(batch)
+    arrays = (table.arrays, adapter, setup.query, setup.labels)
+    specs = (
+        {key: split_rows(array) for key, array in table.arrays.items()},
+        (split_rows(adapter[0]), PartitionSpec(None, None)) if adapter else (),
+        PartitionSpec(batch, None),
+        tokens_spec,
+    )
+    if AxisType.Explicit in mesh.axis_types:
+        # On Explicit axes shard_map takes inputs whose types already carry its in_specs.
+        arrays = jax.tree.map(
+            lambda array, spec: jax.sharding.reshard(array, NamedSharding(mesh, spec)),
+            arrays,
+            specs,
+        )
+    losses = jax.shard_map(local_losses, mesh=mesh, in_specs=specs, out_specs=tokens_spec)(*arrays)
+    return setup.reduce(losses)
