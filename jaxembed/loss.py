@@ -144,20 +144,7 @@ def attend_cross_entropy(
         >>> jaxembed.attend_cross_entropy(params, query, labels, where=mask).shape
         ()
     """
-    setup = _setup(
-        params,
-        query,
-        labels,
-        where=where,
-        lora_alpha=lora_alpha,
-        logit_soft_cap=logit_soft_cap,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        reduction=reduction,
-        chunk_size=chunk_size,
-        out_of_range=out_of_range,
-        dtype=dtype,
-    )
+    setup = _setup(params, query, labels, **_options(locals()))
     table, adapter = setup.table, setup.table.adapter
     tokens = setup.query.shape[0]
     static = (setup.chunk(tokens, table.input_dim), setup.logit_soft_cap, setup.scale)
@@ -347,20 +334,39 @@ class _Setup(NamedTuple):
         return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
 
 
+_OPTIONS = (
+    "where",
+    "lora_alpha",
+    "logit_soft_cap",
+    "label_smoothing",
+    "z_loss",
+    "reduction",
+    "chunk_size",
+    "out_of_range",
+    "dtype",
+)
+"""The keyword options of `attend_cross_entropy` (and of its vocab-parallel form)."""
+
+
+def _options(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The loss's keyword options out of a caller's `locals()`, to forward to `_setup`."""
+    return {name: namespace[name] for name in _OPTIONS}
+
+
 def _setup(
     params: _table.Params,
     query: ArrayLike,
     labels: ArrayLike,
     *,
-    where: ArrayLike | None = None,
-    lora_alpha: float | None = None,
-    logit_soft_cap: float | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    reduction: str = "mean",
-    chunk_size: int | None = None,
-    out_of_range: str = "error",
-    dtype: DTypeLike | None = None,
+    where: ArrayLike | None,
+    lora_alpha: float | None,
+    logit_soft_cap: float | None,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    chunk_size: int | None,
+    out_of_range: str,
+    dtype: DTypeLike | None,
 ) -> _Setup:
     """The checks and preparation of `attend_cross_entropy`, in its order and words."""
     table = _table.view(params)

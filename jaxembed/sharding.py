@@ -398,20 +398,7 @@ def vocab_parallel_attend_cross_entropy(
         True
     """
     caller = "vocab_parallel_attend_cross_entropy"
-    setup = loss._setup(
-        params,
-        query,
-        labels,
-        where=where,
-        lora_alpha=lora_alpha,
-        logit_soft_cap=logit_soft_cap,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        reduction=reduction,
-        chunk_size=chunk_size,
-        out_of_range=out_of_range,
-        dtype=dtype,
-    )
+    setup = loss._setup(params, query, labels, **loss._options(locals()))
     table = setup.table
     input_dim = table.input_dim
     mesh = (
