@@ -52,22 +52,38 @@ def _default_chunk(tokens: int, input_dim: int) -> int:
     return min(rows, input_dim)
 
 
-def _chunk_rows(
-    table: jax.Array, a: jax.Array | None, start: jax.Array, chunk: int
-) -> tuple[jax.Array, jax.Array | None]:
+class _Chunk(NamedTuple):
+    """One block of the vocabulary walk: its rows, their raw logits, and which are new."""
+
+    rows: jax.Array
+    """`(chunk, output_dim)` float32 rows of the table."""
+    a_rows: jax.Array | None
+    """`(chunk, rank)` float32 rows of LoRA's A, or None."""
+    raw: jax.Array
+    """`(tokens, chunk)` float32 logits before the soft cap."""
+    new: jax.Array
+    """`(chunk,)` bool: rows not counted by an earlier chunk (the last chunk overlaps)."""
+
+
+def _read_chunk(q, low_rank, table, a, start, first, chunk, scale) -> _Chunk:
     rows = jax.lax.dynamic_slice_in_dim(table, start, chunk).astype(jnp.float32)
-    a_rows = None if a is None else jax.lax.dynamic_slice_in_dim(a, start, chunk)
-    return rows, (None if a_rows is None else a_rows.astype(jnp.float32))
-
-
-def _chunk_logits(q, low_rank, rows, a_rows, scale):
-    """Raw (uncapped) float32 logits of one chunk: `(tokens, chunk)`."""
     raw = jnp.einsum("td,cd->tc", q, rows, precision=jax.lax.Precision.HIGHEST)
-    if a_rows is not None:
+    a_rows = None
+    if a is not None:
+        a_rows = jax.lax.dynamic_slice_in_dim(a, start, chunk).astype(jnp.float32)
         raw = raw + scale * jnp.einsum(
             "tr,cr->tc", low_rank, a_rows, precision=jax.lax.Precision.HIGHEST
         )
-    return raw
+    new = (start + jnp.arange(chunk, dtype=jnp.int32)) >= first
+    return _Chunk(rows, a_rows, raw, new)
+
+
+def _add_rows(buffer: jax.Array, start: jax.Array, rows: jax.Array) -> jax.Array:
+    """`buffer[start:start + len(rows)] += rows`, in place inside the walk's loop."""
+    current = jax.lax.dynamic_slice_in_dim(buffer, start, rows.shape[0])
+    return jax.lax.dynamic_update_slice_in_dim(
+        buffer, current + rows.astype(buffer.dtype), start, 0
+    )
 
 
 def _starts(input_dim: int, chunk: int) -> tuple[jax.Array, jax.Array]:
@@ -175,14 +191,12 @@ def _partial_forward(static, q, table, a, b, labels):
     tokens = q.shape[0]
     low_rank = None if b is None else q @ b.astype(jnp.float32).T
     starts, firsts = _starts(table.shape[0], chunk)
-    columns = jnp.arange(chunk, dtype=jnp.int32)
 
     def body(carry, start_first):
         running_max, running_sum, logit_sum, label_logit = carry
         start, first = start_first
-        rows, a_rows = _chunk_rows(table, a, start, chunk)
-        logits = soft_cap(_chunk_logits(q, low_rank, rows, a_rows, scale), cap)
-        new = (start + columns) >= first  # rows not counted by an earlier chunk
+        block = _read_chunk(q, low_rank, table, a, start, first, chunk, scale)
+        logits, new = soft_cap(block.raw, cap), block.new
         masked = jnp.where(new, logits, -jnp.inf)
         new_max = jnp.maximum(running_max, masked.max(axis=1))
         running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(
@@ -228,10 +242,8 @@ def _partial_statistics_bwd(static, residuals, cotangents):
     def body(carry, start_first):
         dq, d_table, d_a, d_low_rank = carry
         start, first = start_first
-        rows, a_rows = _chunk_rows(table, a, start, chunk)
-        raw = _chunk_logits(q, low_rank, rows, a_rows, scale)
+        rows, a_rows, raw, new = _read_chunk(q, low_rank, table, a, start, first, chunk, scale)
         logits = soft_cap(raw, cap)
-        new = (start + columns) >= first
         probs = jnp.where(new, jnp.exp(logits - lse[:, None]), 0.0)
         onehot = (labels[:, None] == start + columns) & new
         d_logits = (
@@ -242,22 +254,11 @@ def _partial_statistics_bwd(static, residuals, cotangents):
         if cap is not None:
             d_logits = d_logits * (1 - jnp.square(jnp.tanh(raw / cap)))
         dq = dq + d_logits @ rows
-        d_rows = jnp.where(new[:, None], d_logits.T @ q, 0.0)
-        d_table = jax.lax.dynamic_update_slice_in_dim(
-            d_table,
-            jax.lax.dynamic_slice_in_dim(d_table, start, chunk) + d_rows.astype(d_table.dtype),
-            start,
-            0,
-        )
+        d_table = _add_rows(d_table, start, jnp.where(new[:, None], d_logits.T @ q, 0.0))
         if a_rows is not None:
             d_low_rank = d_low_rank + scale * (d_logits @ a_rows)
             d_a_rows = jnp.where(new[:, None], scale * (d_logits.T @ low_rank), 0.0)
-            d_a = jax.lax.dynamic_update_slice_in_dim(
-                d_a,
-                jax.lax.dynamic_slice_in_dim(d_a, start, chunk) + d_a_rows.astype(d_a.dtype),
-                start,
-                0,
-            )
+            d_a = _add_rows(d_a, start, d_a_rows)
         return (dq, d_table, d_a, d_low_rank), None
 
     rank = 0 if b is None else b.shape[0]
