@@ -17,6 +17,7 @@ from jaxembed import (
     lora,
     loss,
     optim,
+    quantization,
     regularizers,
     sharding,
     sparse,
@@ -27,6 +28,7 @@ from jaxembed.linen import Embedding
 from jaxembed.lora import enable_lora, merge_lora
 from jaxembed.loss import attend_cross_entropy
 from jaxembed.optim import freeze_lora_base, keep_embeddings_constrained
+from jaxembed.quantization import dequantize, quantize
 from jaxembed.regularizers import regularization_penalty
 
 if _typing.TYPE_CHECKING:
@@ -43,6 +45,7 @@ __all__ = [
     "check_in_range",
     "compute_mask",
     "constraints",
+    "dequantize",
     "enable_lora",
     "freeze_lora_base",
     "functional",
@@ -55,6 +58,8 @@ __all__ = [
     "merge_lora",
     "nnx",
     "optim",
+    "quantization",
+    "quantize",
     "regularization_penalty",
     "regularizers",
     "sharding",

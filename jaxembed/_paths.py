@@ -40,3 +40,11 @@ def tables_beside_lora(tree: Any) -> set[tuple[str, ...]]:
         for path in named
         if path and path[-1] in table_keys and (*path[:-1], _table.LORA_A) in named
     }
+
+
+def frozen_tables(tree: Any) -> set[tuple[str, ...]]:
+    """Name paths of every table leaf that is never trained: tables with a LoRA adapter beside
+    them, and every array of a quantized table (its values, scales and zero points)."""
+    quantized = _table.quantized_keys()
+    named = {names(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+    return tables_beside_lora(tree) | {path for path in named if path and path[-1] in quantized}

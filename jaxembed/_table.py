@@ -33,13 +33,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxembed import _checks, _mesh
+from jaxembed import _checks, _mesh, _quantized
 from jaxembed._out_of_range import Indices
 
 Params: TypeAlias = dict[str, jax.Array]
 """{"embeddings": (input_dim, output_dim) table}, plus LoRA weights when enabled."""
 
 EMBEDDINGS = "embeddings"
+QUANTIZED_VALUES = {"int8": "embeddings_int8", "int4": "embeddings_int4"}
+"""Where a quantized table keeps its int8 values (packed two per byte for int4), by mode."""
+SCALE = "embeddings_scale"
+ZERO = "embeddings_zero"
 LORA_A = "lora_embeddings_a"
 LORA_B = "lora_embeddings_b"
 LORA_KEYS = (LORA_A, LORA_B)
@@ -85,6 +89,11 @@ class TableKind:
     def dense(self, arrays: Mapping[str, jax.Array]) -> jax.Array:
         """The whole `(input_dim, output_dim)` floating matrix."""
         raise NotImplementedError
+
+    def encode(self, arrays: Mapping[str, jax.Array], matrix: jax.Array) -> dict[str, jax.Array]:
+        """Arrays of this kind (and format, for `arrays`'s) holding a new float `matrix`: what
+        merging an adapter writes back. By default a float table in the rows' dtype."""
+        return {EMBEDDINGS: matrix.astype(self.dtype(arrays))}
 
     def contract(
         self, arrays: Mapping[str, jax.Array], query: jax.Array, shardings: Any
@@ -136,7 +145,178 @@ class DenseTable(TableKind):
         return jnp.asarray(arrays[EMBEDDINGS])
 
 
-KINDS: list[TableKind] = [DenseTable()]
+class QuantizedTable(TableKind):
+    """An int8 or int4 table with float32 scales (and int8 zero points when grouped), stored as
+    Keras stores it; `jaxembed._quantized` holds the maths.
+
+    Lookups gather the stored rows and their scales, then unpack and dequantize only those;
+    `contract` walks the vocabulary in chunks, so no float copy of the whole table is built.
+    """
+
+    def __init__(self, mode: str, grouped: bool):
+        self.mode, self.grouped = mode, grouped
+        self.keys = (QUANTIZED_VALUES[mode], SCALE, *((ZERO,) if grouped else ()))
+
+    def __repr__(self) -> str:
+        return f"QuantizedTable({self.mode!r}, grouped={self.grouped})"
+
+    def format(self, arrays: Mapping[str, Any]) -> _quantized.Format:
+        """The format, with the block size read from the shapes (groups divide the columns)."""
+        values, scale = arrays[self.keys[0]], arrays[SCALE]
+        output_dim = values.shape[1] * (2 if self.mode == "int4" else 1)
+        block = output_dim // scale.shape[1] if self.grouped else None
+        return _quantized.Format(self.mode, block)
+
+    def shape(self, arrays: Mapping[str, Any]) -> tuple[int, int]:
+        values_key = self.keys[0]
+        values, scale = arrays[values_key], arrays[SCALE]
+        if getattr(values, "ndim", None) != 2 or getattr(values, "dtype", None) != jnp.int8:
+            raise ValueError(
+                f"params[{values_key!r}] must be a 2-D int8 array (as jaxembed.quantize "
+                f"returns). Received: {_checks.describe(values)}."
+            )
+        input_dim, stored = values.shape
+        output_dim = 2 * stored if self.mode == "int4" else stored
+        groups = f"(input_dim, groups) = ({input_dim}, groups)"
+        expected = groups if self.grouped else f"(input_dim,) = ({input_dim},)"
+        scale_shape = tuple(getattr(scale, "shape", ()))
+        per_row_ok = scale_shape == (input_dim,)
+        grouped_ok = len(scale_shape) == 2 and scale_shape[0] == input_dim
+        if not (grouped_ok if self.grouped else per_row_ok):
+            raise ValueError(
+                f"params[{SCALE!r}] must have shape {expected}. Received: shape {scale_shape}."
+            )
+        if not jnp.issubdtype(scale.dtype, jnp.floating):
+            raise TypeError(f"params[{SCALE!r}] must be floating. Received: dtype {scale.dtype}.")
+        if self.grouped:
+            zero = arrays[ZERO]
+            if tuple(getattr(zero, "shape", ())) != scale_shape or zero.dtype != jnp.int8:
+                raise ValueError(
+                    f"params[{ZERO!r}] must be int8 of the scale's shape {scale_shape}. "
+                    f"Received: {_checks.describe(zero)}."
+                )
+            if scale_shape[1] == 0 or output_dim % scale_shape[1]:
+                raise ValueError(
+                    f"params[{SCALE!r}] must have a number of groups dividing output_dim="
+                    f"{output_dim}. Received: {scale_shape[1]} groups."
+                )
+        return input_dim, output_dim
+
+    def dtype(self, arrays: Mapping[str, jax.Array]) -> np.dtype:
+        return np.dtype(np.float32)
+
+    def dequantize(
+        self, arrays: Mapping[str, jax.Array], fmt: _quantized.Format, rows: Any = None
+    ) -> jax.Array:
+        """Float32 rows: `rows(array)` picks them out of each stored array (all of them when
+        None)."""
+        pick = rows or jnp.asarray
+        zero = pick(arrays[ZERO]) if self.grouped else None
+        return _quantized.dequantize(pick(arrays[self.keys[0]]), pick(arrays[SCALE]), zero, fmt)
+
+    def gather(self, arrays: Mapping[str, jax.Array], indices: Indices) -> jax.Array:
+        # Integers have no NaN: gather clipped rows of the integer arrays; the scale, gathered
+        # with the policy's NaN fill, turns the rows of out-of-range ids into NaN.
+        input_dim = arrays[SCALE].shape[0]
+        clipped = Indices(jnp.clip(indices.ids, 0, input_dim - 1), fill=False)
+
+        def rows(array: jax.Array) -> jax.Array:
+            floating = jnp.issubdtype(array.dtype, jnp.floating)
+            return take_rows(jnp.asarray(array), indices if floating else clipped)
+
+        return self.dequantize(arrays, self.format(arrays), rows)
+
+    def dense(self, arrays: Mapping[str, jax.Array]) -> jax.Array:
+        return self.dequantize(arrays, self.format(arrays))
+
+    def encode(self, arrays: Mapping[str, jax.Array], matrix: jax.Array) -> dict[str, jax.Array]:
+        return self.store(_quantized.quantize(matrix, self.format(arrays)))
+
+    def store(self, quantized: _quantized.Quantized) -> dict[str, jax.Array]:
+        """The params entries holding `quantized` (values, scale, and zero when grouped)."""
+        return dict(zip(self.keys, (a for a in quantized if a is not None), strict=True))
+
+    def contract(
+        self, arrays: Mapping[str, jax.Array], query: jax.Array, shardings: Any
+    ) -> jax.Array:
+        if shardings is not None:
+            # Explicit mesh: the partitioner dequantizes each device's rows where they live.
+            return super().contract(arrays, query, shardings)
+        return _contract_in_chunks(self, arrays, query)
+
+
+_CHUNK_BYTES = 16 * 2**20
+"""`attend` on a quantized table dequantizes about this many bytes of rows at a time."""
+
+
+def _chunk_count(input_dim: int, output_dim: int) -> int:
+    """How many strided chunks: the fewest that divide `input_dim` and keep a chunk's float32
+    rows within `_CHUNK_BYTES`, or 0 when no divisor comes close (then contiguous chunks)."""
+    rows = max(1, _CHUNK_BYTES // (4 * output_dim))
+    fewest = -(-input_dim // rows)
+    for count in range(fewest, 4 * fewest + 1):
+        if input_dim % count == 0:
+            return count
+    return 0
+
+
+def _contract_in_chunks(
+    kind: QuantizedTable, arrays: Mapping[str, jax.Array], query: jax.Array
+) -> jax.Array:
+    """`query @ dense().T`, dequantizing one chunk of rows at a time into a logits buffer.
+
+    Chunks are strided (chunk `i` holds rows `i, i + n, i + 2n, ...`) when `n` divides the
+    vocabulary: reshaping `(V, ...)` to `(V / n, n, ...)` keeps a vocab-sharded table sharded
+    over its first axis, so each device dequantizes only its own rows. Otherwise chunks are
+    contiguous, the last one overlapping its predecessor (it rewrites the same logits).
+    """
+    input_dim, output_dim = kind.shape(arrays)
+    fmt = kind.format(arrays)
+    count = _chunk_count(input_dim, output_dim)
+    if count == 1:
+        return TableKind.contract(kind, arrays, query, None)
+    batch = query.shape[:-1]
+
+    def logits_of(rows: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,vd->...v", query, rows.astype(query.dtype))
+
+    if count:
+        per_chunk = input_dim // count
+        strided = {k: v.reshape(per_chunk, count, *v.shape[1:]) for k, v in arrays.items()}
+
+        def strided_step(i: jax.Array, buffer: jax.Array) -> jax.Array:
+            def rows(array: jax.Array) -> jax.Array:
+                return jax.lax.dynamic_index_in_dim(array, i, axis=1, keepdims=False)
+
+            block = logits_of(kind.dequantize(strided, fmt, rows))[..., None]
+            return jax.lax.dynamic_update_slice_in_dim(buffer, block, i, axis=-1)
+
+        buffer = jnp.zeros((*batch, per_chunk, count), query.dtype)
+        return jax.lax.fori_loop(0, count, strided_step, buffer).reshape(*batch, input_dim)
+
+    per_chunk = max(1, _CHUNK_BYTES // (4 * output_dim))
+
+    def contiguous_step(i: jax.Array, buffer: jax.Array) -> jax.Array:
+        start = jnp.minimum(i * per_chunk, input_dim - per_chunk)
+
+        def rows(array: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_slice_in_dim(array, start, per_chunk)
+
+        block = logits_of(kind.dequantize(arrays, fmt, rows))
+        return jax.lax.dynamic_update_slice_in_dim(buffer, block, start, axis=-1)
+
+    buffer = jnp.zeros((*batch, input_dim), query.dtype)
+    return jax.lax.fori_loop(0, -(-input_dim // per_chunk), contiguous_step, buffer)
+
+
+KINDS: list[TableKind] = [
+    # Grouped formats first: their keys include the per-row formats' keys.
+    QuantizedTable("int4", grouped=True),
+    QuantizedTable("int4", grouped=False),
+    QuantizedTable("int8", grouped=True),
+    QuantizedTable("int8", grouped=False),
+    DenseTable(),
+]
 """Every table kind, tried in order; the first whose keys are all in params reads them."""
 
 
@@ -179,6 +359,15 @@ class Table:
 
     def dense(self) -> jax.Array:
         return self.kind.dense(self.arrays)
+
+
+def quantized_kind(fmt: _quantized.Format) -> QuantizedTable:
+    """The kind that stores tables of format `fmt`."""
+    return next(
+        kind
+        for kind in KINDS
+        if isinstance(kind, QuantizedTable) and (kind.mode, kind.grouped) == (fmt.mode, fmt.grouped)
+    )
 
 
 def _describe_params(params: Any) -> str:
@@ -233,18 +422,30 @@ def view(params: Any) -> Table:
     if kind is None:
         raise ValueError(
             "`params` must be a dict holding the table under 'embeddings' (as returned by "
-            f"jaxembed.init). Received: {_describe_params(params)}."
+            "jaxembed.init), or a quantized table under "
+            f"{' or '.join(repr(key) for key in QUANTIZED_VALUES.values())} with {SCALE!r} (as "
+            f"returned by jaxembed.quantize). Received: {_describe_params(params)}."
+        )
+    tables = sorted({other.keys[0] for other in KINDS if other.keys[0] in params})
+    if len(tables) > 1:
+        raise ValueError(
+            f"`params` must hold one table. Received: params with tables under {tables}."
         )
     arrays = {key: params[key] for key in kind.keys}
     input_dim, output_dim = kind.shape(arrays)
     return Table(kind, arrays, input_dim, output_dim, adapter_of(params, input_dim, output_dim))
 
 
-def with_dense(params: Mapping[str, Any], table: Table, matrix: jax.Array) -> Params:
-    """Params with the table replaced by a dense `matrix` (cast to the table's dtype): what
+def with_dense(
+    params: Mapping[str, Any], table: Table, matrix: jax.Array, *, as_float: bool = False
+) -> Params:
+    """Params with the table replaced by the float `matrix`, stored as the table was (cast to
+    its dtype, or requantized in its format), or as a float table when `as_float`: what
     merging an adapter or projecting onto a constraint writes back."""
     rest = {key: value for key, value in params.items() if key not in table.kind.keys}
-    return {**rest, EMBEDDINGS: matrix.astype(table.dtype)}
+    if as_float:
+        return {**rest, EMBEDDINGS: matrix}
+    return {**rest, **table.kind.encode(table.arrays, matrix)}
 
 
 def without_adapter(params: Mapping[str, Any]) -> Params:
@@ -255,6 +456,11 @@ def without_adapter(params: Mapping[str, Any]) -> Params:
 def table_keys() -> set[str]:
     """Every key any table kind stores: the leaves LoRA freezes."""
     return {key for kind in KINDS for key in kind.keys}
+
+
+def quantized_keys() -> set[str]:
+    """Every key a quantized table stores: leaves that are never trained."""
+    return {key for kind in KINDS if isinstance(kind, QuantizedTable) for key in kind.keys}
 
 
 class CheckedWeights(np.ndarray):

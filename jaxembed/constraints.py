@@ -137,6 +137,15 @@ def project(constraint: Constraint, matrix: jax.Array) -> jax.Array:
     return projected.astype(matrix.dtype)
 
 
+def refuse_quantized(function: str) -> ValueError:
+    """A quantized table is frozen (as Keras's): no constraint can project it."""
+    return ValueError(
+        f"{function}: a quantized table is frozen (its int8/int4 values are never trained, as "
+        "in Keras), so an `embeddings_constraint` cannot apply to it. Remove the constraint, "
+        "or constrain the float table before quantizing it."
+    )
+
+
 def apply_constraint(
     params: dict[str, jax.Array], embeddings_constraint: Any
 ) -> dict[str, jax.Array]:
@@ -167,4 +176,6 @@ def apply_constraint(
         return dict(params)
     if table.adapter is not None:
         raise lora.refuse_constraint("apply_constraint")
+    if isinstance(table.kind, _table.QuantizedTable):
+        raise refuse_quantized("apply_constraint")
     return _table.with_dense(params, table, project(constraint, table.dense()))

@@ -256,11 +256,17 @@ def dense_delta(adapter: Adapter, lora_alpha: float | None) -> jax.Array:
 
 
 def merge_lora(
-    params: Params, *, lora_alpha: float | None = None, safe_merge: bool = False
+    params: Params,
+    *,
+    lora_alpha: float | None = None,
+    safe_merge: bool = False,
+    requantize: bool = True,
 ) -> Params:
     """Folds the adapter into the table: `E + (lora_alpha / rank) * A @ B`, adapter removed.
 
-    The sum is computed in float32 and cast back to the table's dtype.
+    The sum is computed in float32 and cast back to the table's dtype. A quantized table is
+    dequantized, merged in float32 and quantized again in its format (mode and block size),
+    so the merged table is within the format's quantization error of the float merge.
 
     Args:
         params: params holding an adapter.
@@ -269,9 +275,12 @@ def merge_lora(
             table's dtype (as peft's `safe_merge`, and stricter: a sum finite in float32 can
             overflow a float16 table): a `ValueError` for concrete params, a `checkify` error
             under jit.
+        requantize: for a quantized table, False returns the float32 merged table instead
+            (`{"embeddings": ...}`); no effect on float tables.
 
     Returns:
-        `{"embeddings": merged table}` plus any other entries of params, without the adapter.
+        The merged table, stored as the input's (or float32 with `requantize=False`), plus any
+        other entries of params, without the adapter.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed
@@ -285,11 +294,14 @@ def merge_lora(
     table = _table.view(params)
     adapter = _adapter(table, params, "merge_lora")
     _checks.boolean("safe_merge", safe_merge)
+    _checks.boolean("requantize", requantize)
     merged = table.dense().astype(jnp.float32) + dense_delta(adapter, lora_alpha)
-    merged = _table.with_dense(_table.without_adapter(params), table, merged)
     if safe_merge:
-        _check_finite_merge(merged[_table.EMBEDDINGS])
-    return merged
+        # Checked in the stored dtype (a float16 table can overflow); a quantized table's
+        # integers are always finite, so its float sum is checked.
+        stored = merged.astype(table.dtype)
+        _check_finite_merge(stored)
+    return _table.with_dense(_table.without_adapter(params), table, merged, as_float=not requantize)
 
 
 def _check_finite_merge(merged: jax.Array) -> None:
@@ -353,9 +365,10 @@ def remove_lora(params: Params) -> Params:
 def trainable_labels(tree: Any, *, adapters_only: bool = False) -> Any:
     """Labels each leaf "trainable" or "frozen", for `optax.partition` (or `freeze_lora_base`).
 
-    By default, as Keras: "frozen" for every table that has a LoRA adapter beside it,
-    "trainable" for everything else. With `adapters_only=True`, only the LoRA matrices are
-    "trainable" and every other leaf of the model is "frozen" (classic LoRA fine-tuning).
+    By default, as Keras: "frozen" for every table that has a LoRA adapter beside it and for
+    every array of a quantized table, "trainable" for everything else. With
+    `adapters_only=True`, only the LoRA matrices are "trainable" and every other leaf of the
+    model is "frozen" (classic LoRA fine-tuning).
 
     Works on any params pytree: one jaxembed layer's dict, or a whole Flax model (linen
     variables, boxed or not, or an `nnx.State`) holding jaxembed layers beside other layers.
@@ -368,7 +381,7 @@ def trainable_labels(tree: Any, *, adapters_only: bool = False) -> Any:
         'frozen'
     """
     _checks.boolean("adapters_only", adapters_only)
-    frozen = _paths.tables_beside_lora(tree)
+    frozen = _paths.frozen_tables(tree)
 
     def label(path: tuple[Any, ...], _: Any) -> str:
         names = _paths.names(path)

@@ -313,7 +313,7 @@ def trainable(model: nnx.Module) -> nnx.filterlib.Filter:
         >>> sorted(nnx.state(layer, jaxembed.nnx.trainable(layer)).keys())
         ['lora_embeddings_a', 'lora_embeddings_b']
     """
-    frozen = _paths.tables_beside_lora(nnx.state(model, nnx.Param))
+    frozen = _paths.frozen_tables(nnx.state(model, nnx.Param))
 
     def is_trainable(path: tuple[Any, ...], value: Any) -> bool:
         return isinstance(value, nnx.Param) and tuple(map(str, path)) not in frozen

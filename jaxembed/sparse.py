@@ -426,7 +426,7 @@ def split_tables(params: Any) -> tuple[Tables, Any]:
         >>> list(tables), rest["tokens"]["embeddings"] is None
         (['tokens/embeddings'], True)
     """
-    frozen = _paths.tables_beside_lora(params)
+    frozen = _paths.frozen_tables(params)
     tables: Tables = {}
 
     def take(path: tuple[Any, ...], leaf: Any) -> Any:

@@ -19,8 +19,8 @@ import jaxembed
 from jaxembed import _table
 from jaxembed._out_of_range import Indices
 
-ROWS = "embeddings_rows"
-SCALE = "embeddings_scale"
+ROWS = "double_rows"
+SCALE = "double_scale"  # not jaxembed's own quantized keys
 INPUT_DIM, OUTPUT_DIM, RANK = 8, 4, 2
 ALPHA = 4.0
 IDS = jnp.array([[0, 7], [3, 3]])
