@@ -22,6 +22,7 @@ from jaxembed import (
     functional,
     initializers,
     lora,
+    quantization,
     regularizers,
 )
 
@@ -31,6 +32,14 @@ TABLE_AXES = (VOCAB_AXIS, EMBED_AXIS)
 """Logical partitioning axes of the table; map them to mesh axes with logical axis rules."""
 LORA_AXES = {_table.LORA_A: (VOCAB_AXIS, None), _table.LORA_B: (None, EMBED_AXIS)}
 """Logical axes of the adapter: A's rows follow the table's rows, B's columns its columns."""
+
+
+def quantized_axes(key: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a quantized table's array: values as the table; scales and zero
+    points split with the rows ("vocab"), their groups whole."""
+    if key in _table.QUANTIZED_VALUES.values():
+        return TABLE_AXES
+    return (VOCAB_AXIS, *(None,) * (ndim - 1))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -54,6 +63,7 @@ class LayerConfig:
     out_of_range: str = "error"
     dtype: DTypeLike | None = None
     param_dtype: DTypeLike = jnp.float32
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         _checks.positive_int("input_dim", self.input_dim)
@@ -67,6 +77,8 @@ class LayerConfig:
             if has_constraint:
                 raise lora.refuse_constraint("Embedding")
         lora.check_alpha(self.lora_alpha)
+        if quantization.parse_format(self.quantization, self.output_dim) and has_constraint:
+            raise constraints.refuse_quantized("Embedding")
         _out_of_range.policy(self.out_of_range)
         _checks.optional_floating_dtype("dtype", self.dtype)
         param_dtype = _checks.floating_dtype("param_dtype", self.param_dtype)
@@ -84,6 +96,21 @@ class LayerConfig:
     def arguments(self, **changes: Any) -> dict[str, Any]:
         """The arguments as keywords, with `changes` applied."""
         return {**{name: getattr(self, name) for name in NAMES}, **changes}
+
+    def initial_params(self, key: Any) -> functional.Params:
+        """The table (quantized when `quantization` is set), without an adapter."""
+        params = functional.init(
+            key,
+            self.input_dim,
+            self.output_dim,
+            embeddings_initializer=self.embeddings_initializer,
+            weights=self.weights,
+            param_dtype=self.param_dtype,
+        )
+        fmt = quantization.parse_format(self.quantization, self.output_dim)
+        if fmt is None:
+            return params
+        return quantization.quantize(params, fmt.mode, block_size=fmt.block_size)
 
     def table_initializer(self) -> initializers.Initializer:
         """The `(key, shape, dtype) -> table` function for the layer's table."""

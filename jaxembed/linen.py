@@ -11,8 +11,10 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,13 +28,20 @@ from jaxembed import (
     initializers,
     lora,
     loss,
+    quantization,
     regularizers,
 )
 
 __all__ = [
+    "QUANTIZED",
     "Embedding",
     "losses",
+    "quantize_variables",
 ]
+
+QUANTIZED = "quantized"
+"""The variable collection holding quantized tables: they are never trained, so they stay out
+of "params" (whose gradient a train step takes), as flax keeps "batch_stats" out."""
 
 
 class Embedding(nn.Module):
@@ -55,10 +64,17 @@ class Embedding(nn.Module):
         out_of_range: "error" (default: `IndexError` in eager code; NaN rows under plain
             `jax.jit`, the error under `checkify`), "fill" (NaN rows) or "clip"; see
             `jaxembed.apply`.
-        dtype: output dtype; None keeps `param_dtype`.
+        dtype: output dtype; None keeps `param_dtype` (float32 for a quantized table).
         param_dtype: storage dtype of the table.
+        quantization: None, "int8", "int4" or "int4/128" (int4 with a scale and zero point
+            per block of 128 columns; any block size dividing `output_dim`): the table is
+            drawn (or taken from `weights`), quantized as `jaxembed.quantize`, and kept in
+            the "quantized" collection, frozen. Add `lora_rank` for QLoRA.
 
-    The table is param "embeddings" with logical axes ("vocab", "embed").
+    The table is param "embeddings" with logical axes ("vocab", "embed"). A quantized table's
+    arrays ("embeddings_int8" or "embeddings_int4", "embeddings_scale", "embeddings_zero")
+    live in the "quantized" collection, values on ("vocab", "embed"), scales and zero points
+    on "vocab".
     """
 
     input_dim: int
@@ -73,6 +89,7 @@ class Embedding(nn.Module):
     out_of_range: str = "error"
     dtype: DTypeLike | None = None
     param_dtype: DTypeLike = jnp.float32
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         config = _config.LayerConfig.of(self)  # fails here, at construction, as Keras does
@@ -83,13 +100,19 @@ class Embedding(nn.Module):
         super().__post_init__()
 
     def setup(self) -> None:
-        init_fn = self._config.table_initializer()
-        self.embeddings = self.param(
-            "embeddings",
-            nn.with_logical_partitioning(init_fn, _config.TABLE_AXES),
-            (self.input_dim, self.output_dim),
-            self.param_dtype,
-        )
+        fmt = quantization.parse_format(self.quantization, self.output_dim)
+        if fmt is None:
+            init_fn = self._config.table_initializer()
+            self.table = {
+                _table.EMBEDDINGS: self.param(
+                    _table.EMBEDDINGS,
+                    nn.with_logical_partitioning(init_fn, _config.TABLE_AXES),
+                    (self.input_dim, self.output_dim),
+                    self.param_dtype,
+                )
+            }
+        else:
+            self.table = self._quantized_table(fmt)
         self.adapter = {}
         if self.lora_rank:
             shapes = lora.adapter_shapes(self.input_dim, self.output_dim, self.lora_rank)
@@ -104,8 +127,26 @@ class Embedding(nn.Module):
                 for name in _table.LORA_KEYS
             }
 
+    def _quantized_table(self, fmt: Any) -> dict[str, jax.Array]:
+        """The quantized arrays, drawn and quantized once when the variables are created."""
+        drawn: dict[str, jax.Array] = {}
+
+        def initial(name: str) -> jax.Array:
+            if not drawn:
+                key = None if self.weights is not None else self.make_rng("params")
+                drawn.update(self._config.initial_params(key))
+            return drawn[name]
+
+        def boxed(name: str) -> Any:
+            ndim = 1 if name == _table.SCALE and not fmt.grouped else 2
+            axes = _config.quantized_axes(name, ndim)
+            return nn.with_logical_partitioning(lambda: initial(name), axes)
+
+        keys = _table.quantized_kind(fmt).keys
+        return {name: self.variable(QUANTIZED, name, boxed(name)).value for name in keys}
+
     def _params(self) -> functional.Params:
-        return {_table.EMBEDDINGS: self.embeddings, **self.adapter}
+        return {**self.table, **self.adapter}
 
     def __call__(self, ids: ArrayLike) -> jax.Array:
         """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)`."""
@@ -150,6 +191,66 @@ class Embedding(nn.Module):
         return loss.attend_cross_entropy(
             self._params(), query, labels, lora_alpha=self.lora_alpha, dtype=self.dtype, **options
         )
+
+
+def quantize_variables(
+    variables: Mapping[str, Any], mode: str, *, block_size: int | None = None
+) -> dict[str, Any]:
+    """The variables of the quantized model from a float model's: every jaxembed table in
+    `variables["params"]` (an "embeddings" entry, at any depth) is quantized as
+    `jaxembed.quantize` and moved to the "quantized" collection at the same path; LoRA
+    adapters and every other variable stay where they are. Apply them with the modules built
+    with `quantization=mode` (or "mode/block_size"), e.g. `module.clone(quantization="int8")`.
+
+    Logically partitioned tables stay partitioned: values on the table's axes, scales and zero
+    points on its first ("vocab") axis.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxembed
+        >>> module = jaxembed.Embedding(100, 8)
+        >>> variables = module.init(jax.random.key(0), jnp.arange(3))
+        >>> quantized = jaxembed.linen.quantize_variables(variables, "int8")
+        >>> sorted(quantized["quantized"]), quantized["params"]
+        (['embeddings_int8', 'embeddings_scale'], {})
+        >>> out = module.clone(quantization="int8").apply(quantized, jnp.arange(3))
+        >>> out.shape
+        (3, 8)
+    """
+    variables = flax.core.unfreeze(variables)
+
+    def split(params: Any) -> tuple[Any, Any]:
+        """(params left, quantized arrays) of one level of the params tree."""
+        if not isinstance(params, dict):
+            return params, None
+        if _table.EMBEDDINGS in params:
+            box = params[_table.EMBEDDINGS]
+            plain = {**params, _table.EMBEDDINGS: nn.unbox(box)}
+            table = _table.view(plain)
+            stored = quantization.quantize(plain, mode, block_size=block_size)
+            quantized = {key: stored[key] for key in stored if key not in plain}
+            if isinstance(box, nn.LogicallyPartitioned):
+                vocab = box.names[0]
+                quantized = {
+                    key: box.replace_boxed(value)
+                    if key in _table.QUANTIZED_VALUES.values()
+                    else box.replace(value=value, names=(vocab, *(None,) * (value.ndim - 1)))
+                    for key, value in quantized.items()
+                }
+            rest = {key: value for key, value in params.items() if key not in table.kind.keys}
+            return rest, quantized
+        pairs = {key: split(value) for key, value in params.items()}
+        kept = {key: pair[0] for key, pair in pairs.items()}
+        quantized = {key: pair[1] for key, pair in pairs.items() if pair[1]}
+        return kept, quantized
+
+    params, quantized = split(variables.get("params", {}))
+    if not quantized:
+        raise ValueError(
+            "quantize_variables: `variables['params']` hold no jaxembed table ('embeddings'). "
+            f"Received: variables with collections {sorted(variables)}."
+        )
+    existing = variables.get(QUANTIZED, {})
+    return {**variables, "params": params, QUANTIZED: {**existing, **quantized}}
 
 
 def losses(variables: Any) -> jax.Array:

@@ -1,7 +1,8 @@
 """`flax.nnx` Embedding: holds the params as NNX variables and calls the pure functions.
 
-The table is an `nnx.Param` with sharding metadata ("vocab", "embed"); LoRA weights are
-`nnx.LoRAParam`, so `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` and
+The table is an `nnx.Param` with sharding metadata ("vocab", "embed") (a quantized table's
+arrays are `jaxembed.nnx.Quantized` variables, never `nnx.Param`: no filter trains them);
+LoRA weights are `nnx.LoRAParam`, so `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` and
 `nnx.grad(..., argnums=nnx.DiffState(0, nnx.LoRAParam))` train only the adapter, with no
 gradient or optimizer state for the table.
 
@@ -32,16 +33,19 @@ from jaxembed import (
     _out_of_range,
     _paths,
     _table,
+    constraints,
     functional,
     initializers,
     linen,
     lora,
     loss,
+    quantization,
     regularizers,
 )
 
 __all__ = [
     "Embedding",
+    "Quantized",
     "RowGradient",
     "RowIds",
     "trainable",
@@ -65,7 +69,9 @@ class Embedding(nnx.Module):
     Args:
         input_dim, output_dim, embeddings_initializer, embeddings_regularizer,
         embeddings_constraint, mask_zero, weights, lora_rank, lora_alpha, out_of_range, dtype,
-        param_dtype: as the linen `jaxembed.Embedding` (Keras's names and defaults).
+        param_dtype, quantization: as the linen `jaxembed.Embedding` (Keras's names and
+        defaults). A quantized table is held as `Quantized` variables named as its params
+        keys; `layer.quantize(mode)` quantizes a float layer in place, as Keras's.
         rngs: `nnx.Rngs`; the "params" stream draws the table and the adapter.
 
     Example:
@@ -91,17 +97,17 @@ class Embedding(nnx.Module):
         out_of_range: str = "error",
         dtype: DTypeLike | None = None,
         param_dtype: DTypeLike = jnp.float32,
+        quantization: str | None = None,
         rngs: nnx.Rngs,
     ) -> None:
         config = _config.LayerConfig(**_config.select(locals()))
-        table = config.table_initializer()(
-            rngs.params() if weights is None else None, (input_dim, output_dim), param_dtype
-        )
-        # The weights now live in the table and the rank in the adapter's shape (`lora_rank`),
-        # so the config keeps neither; `lora_alpha` may change with `enable_lora`.
-        self.config = dataclasses.replace(config, weights=None, lora_rank=None)
+        params = config.initial_params(rngs.params() if weights is None else None)
+        # The weights now live in the table, the rank in the adapter's shape (`lora_rank`)
+        # and the format in the table's arrays (`quantization`), so the config keeps none of
+        # them; `lora_alpha` may change with `enable_lora`.
+        self.config = dataclasses.replace(config, weights=None, lora_rank=None, quantization=None)
         self.lora_alpha = config.lora_alpha
-        self.embeddings = _variable(nnx.Param, table, _config.TABLE_AXES)
+        self._set_table(params)
         if lora_rank is not None:
             self.enable_lora(lora_rank, rngs=rngs)
 
@@ -118,13 +124,39 @@ class Embedding(nnx.Module):
         adapter = getattr(self, _table.LORA_A, None)
         return None if adapter is None else int(adapter.shape[1])
 
+    @property
+    def quantization(self) -> str | None:
+        """ "int8", "int4", "int4/128"...: the table's format; None for a float table."""
+        return quantization.quantization_format(self.params())
+
+    def _table_keys(self) -> list[str]:
+        return [key for key in vars(self) if key in _table.table_keys()]
+
     def params(self) -> functional.Params:
         """The layer's arrays as the plain params dict of the pure functions."""
-        params = {_table.EMBEDDINGS: self.embeddings[...]}
-        if self.lora_rank is not None:
-            params[_table.LORA_A] = self.lora_embeddings_a[...]
-            params[_table.LORA_B] = self.lora_embeddings_b[...]
-        return params
+        keys = [*self._table_keys(), *(_table.LORA_KEYS if self.lora_rank is not None else ())]
+        return {key: getattr(self, key)[...] for key in keys}
+
+    def _set_table(self, params: functional.Params) -> None:
+        """Holds the table of `params` (float: an `nnx.Param`; quantized: `Quantized`
+        variables), replacing the current one."""
+        for key in self._table_keys():
+            delattr(self, key)
+        table = _table.view(params)
+        for key in table.kind.keys:
+            value = params[key]
+            if key == _table.EMBEDDINGS:
+                setattr(self, key, _variable(nnx.Param, value, _config.TABLE_AXES))
+            else:
+                axes = _config.quantized_axes(key, value.ndim)
+                setattr(self, key, _variable(Quantized, value, axes))
+
+    def quantize(self, mode: str, *, block_size: int | None = None) -> None:
+        """Quantizes the float table in place (as Keras's `layer.quantize(mode)`); see
+        `jaxembed.quantize`. An adapter stays as it is (QLoRA)."""
+        if self.config.embeddings_constraint is not None:
+            raise constraints.refuse_quantized("quantize")
+        self._set_table(quantization.quantize(self.params(), mode, block_size=block_size))
 
     def __call__(self, ids: ArrayLike) -> jax.Array:
         """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)`."""
@@ -135,7 +167,7 @@ class Embedding(nnx.Module):
             out_of_range=self.config.out_of_range,
             lora_alpha=self.lora_alpha,
         )
-        if hasattr(self, "__captures__") and self.lora_rank is None:
+        if hasattr(self, "__captures__") and self.lora_rank is None and self.quantization is None:
             # Under `nnx.capture` (jaxembed.sparse.nnx_value_and_grad): record the ids and
             # perturb the rows, so the step gets the gradient of the rows, not the table's.
             if self.config.out_of_range == "clip":  # the gradient flows to the clamped row
@@ -232,18 +264,28 @@ class Embedding(nnx.Module):
     def _drop_adapter(self) -> None:
         del self.lora_embeddings_a, self.lora_embeddings_b
 
-    def merge_lora(self, *, safe_merge: bool = False) -> None:
-        """Folds the adapter into the table (float32 sum, cast back); no adapter is left.
+    def merge_lora(self, *, safe_merge: bool = False, requantize: bool = True) -> None:
+        """Folds the adapter into the table (float32 sum, cast back, or requantized in its
+        format; `requantize=False` leaves a float table); no adapter is left.
 
         Raises:
             ValueError: no adapter, or (with `safe_merge`) a non-finite merged table.
         """
-        merged = lora.merge_lora(self.params(), lora_alpha=self.lora_alpha, safe_merge=safe_merge)
-        self.embeddings[...] = merged["embeddings"]
+        merged = lora.merge_lora(
+            self.params(),
+            lora_alpha=self.lora_alpha,
+            safe_merge=safe_merge,
+            requantize=requantize,
+        )
+        if self.quantization is None:
+            self.embeddings[...] = merged[_table.EMBEDDINGS]  # the same variable, updated
+        else:
+            self._set_table(merged)
         self._drop_adapter()
 
     def to_linen(self) -> tuple[linen.Embedding, dict[str, Any]]:
-        """The equivalent linen module and its variables `{"params": {...}}` (plain arrays).
+        """The equivalent linen module and its variables `{"params": {...}}` (plain arrays;
+        a quantized table's arrays under "quantized").
 
         Example:
             >>> import jax.numpy as jnp
@@ -254,8 +296,17 @@ class Embedding(nnx.Module):
             >>> bool((module.apply(variables, jnp.arange(3)) == layer(jnp.arange(3))).all())
             True
         """
-        arguments = self.config.arguments(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
-        return linen.Embedding(**arguments), {"params": self.params()}
+        arguments = self.config.arguments(
+            lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, quantization=self.quantization
+        )
+        params = self.params()
+        if self.quantization is None:
+            return linen.Embedding(**arguments), {"params": params}
+        quantized = set(_table.quantized_keys())
+        return linen.Embedding(**arguments), {
+            "params": {key: value for key, value in params.items() if key not in quantized},
+            linen.QUANTIZED: {key: value for key, value in params.items() if key in quantized},
+        }
 
     @classmethod
     def from_linen(
@@ -265,8 +316,9 @@ class Embedding(nnx.Module):
 
         Args:
             module: a linen `jaxembed.Embedding`.
-            variables: its variables, `{"params": {...}}` (boxed or not) or the params alone;
-                a LoRA adapter in them is carried over as `nnx.LoRAParam`.
+            variables: its variables, `{"params": {...}}` (boxed or not; a quantized table's
+                arrays under "quantized") or the params alone; a LoRA adapter in them is
+                carried over as `nnx.LoRAParam`, a quantized table as it is stored.
             rngs: unused draws are skipped, so any seed does; default `nnx.Rngs(0)`.
 
         Example:
@@ -279,14 +331,23 @@ class Embedding(nnx.Module):
             >>> bool((layer(jnp.arange(3)) == module.apply(variables, jnp.arange(3))).all())
             True
         """
-        params = nn.unbox(variables)
-        params = params.get("params", params)
+        variables = nn.unbox(variables)
+        params = {**variables.get("params", variables), **variables.get(linen.QUANTIZED, {})}
         table = _table.view(params)
-        arguments = module._config.arguments(weights=table.dense(), lora_rank=None)
+        arguments = module._config.arguments(
+            weights=table.dense(), lora_rank=None, quantization=None
+        )
         layer = cls(**arguments, rngs=rngs or nnx.Rngs(0))
+        if module.quantization is not None:
+            layer._set_table(_table.without_adapter(params))  # the stored arrays, exactly
         if table.adapter is not None:
             layer._set_adapter(params, module.lora_alpha)
         return layer
+
+
+class Quantized(nnx.Variable):
+    """An array of a quantized table (values, scales, zero points): frozen, never an
+    `nnx.Param`, so optimizers and `nnx.grad` over `nnx.Param` or `nnx.LoRAParam` skip it."""
 
 
 class RowGradient(nnx.Perturbation):

@@ -42,7 +42,14 @@ from jax.typing import DTypeLike
 from jaxembed import _checks, _quantized, _table
 from jaxembed._table import Params
 
-__all__ = ["MODES", "dequantize", "is_quantized", "quantization_format", "quantize"]
+__all__ = [
+    "MODES",
+    "dequantize",
+    "is_quantized",
+    "parse_format",
+    "quantization_format",
+    "quantize",
+]
 
 MODES = _quantized.MODES
 
@@ -68,6 +75,26 @@ def _format(mode: Any, block_size: Any, output_dim: int) -> _quantized.Format:
             "dimension), or use mode='int8'."
         )
     return _quantized.Format(mode, block_size)
+
+
+def parse_format(quantization: Any, output_dim: int) -> _quantized.Format | None:
+    """Reads the modules' `quantization` argument: None, "int8", "int4", or "int4/128" (mode
+    and block size, Keras's dtype-policy spelling); raises a ValueError naming it otherwise.
+
+    Example:
+        >>> import jaxembed
+        >>> jaxembed.quantization.parse_format("int4/128", output_dim=256).block_size
+        128
+    """
+    if quantization is None:
+        return None
+    mode, _, block = quantization.partition("/") if isinstance(quantization, str) else ("", "", "")
+    if mode not in MODES or (block and not block.isdigit()):
+        raise ValueError(
+            '`quantization` must be None, "int8", "int4", or a mode with a block size such as '
+            f'"int4/128". Received: quantization={quantization!r}.'
+        )
+    return _format(mode, int(block) if block else None, output_dim)
 
 
 def quantize(params: Params, mode: str, *, block_size: int | None = None) -> Params:
