@@ -69,6 +69,10 @@ def take_rows(matrix: jax.Array, indices: Indices) -> jax.Array:
 class TableKind:
     """One way of storing a table in params. Subclass it to add a kind (see the module doc)."""
 
+    frozen: bool = False
+    """Never trained (quantized): the fused loss reads it chunk by chunk and gives it no
+    gradient."""
+
     keys: tuple[str, ...] = ()
     """The params keys this kind stores; the first is 2-D, `(input_dim, output_dim)`-shaped
     (its sharding decides the output's, and `attend` reads two spec entries from it)."""
@@ -152,6 +156,8 @@ class QuantizedTable(TableKind):
     Lookups gather the stored rows and their scales, then unpack and dequantize only those;
     `contract` walks the vocabulary in chunks, so no float copy of the whole table is built.
     """
+
+    frozen = True
 
     def __init__(self, mode: str, grouped: bool):
         self.mode, self.grouped = mode, grouped

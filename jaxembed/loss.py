@@ -36,7 +36,8 @@ from jaxembed import _checks, _out_of_range, _table, lora
 __all__ = ["attend_cross_entropy", "soft_cap"]
 
 _CHUNK_BYTES = 8 * 2**20
-"""Default chunk: about this many bytes of float32 logits per (tokens, chunk) block."""
+"""Default chunk: about this many bytes of float32 logits per (tokens, chunk) block, and of
+float32 rows per chunk."""
 
 
 def soft_cap(logits: jax.Array, logit_soft_cap: float | None) -> jax.Array:
@@ -46,8 +47,10 @@ def soft_cap(logits: jax.Array, logit_soft_cap: float | None) -> jax.Array:
     return logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
 
 
-def _default_chunk(tokens: int, input_dim: int) -> int:
-    rows = _CHUNK_BYTES // (4 * max(tokens, 1))
+def _default_chunk(tokens: int, input_dim: int, output_dim: int) -> int:
+    """About `_CHUNK_BYTES` of logits per chunk, and no more of float32 rows (few tokens
+    against wide rows would otherwise read 100+ MiB chunks); a multiple of 128 rows."""
+    rows = _CHUNK_BYTES // (4 * max(tokens, output_dim, 1))
     rows = max(128, rows // 128 * 128)
     return min(rows, input_dim)
 
@@ -65,8 +68,33 @@ class _Chunk(NamedTuple):
     """`(chunk,)` bool: rows not counted by an earlier chunk (the last chunk overlaps)."""
 
 
-def _read_chunk(q, low_rank, table, a, start, first, chunk, scale) -> _Chunk:
-    rows = jax.lax.dynamic_slice_in_dim(table, start, chunk).astype(jnp.float32)
+class _FrozenRows(NamedTuple):
+    """How the walk reads a frozen (quantized) table: the kind's arrays are sliced and only
+    the chunk is dequantized, so no float copy of the table exists, and it gets no gradient."""
+
+    kind: _table.TableKind
+    dtype: Any
+    """The logits' input dtype, which rows are rounded through (as `attend` casts them)."""
+
+    def read(self, arrays: dict[str, jax.Array], start: jax.Array, chunk: int) -> jax.Array:
+        sliced = {k: jax.lax.dynamic_slice_in_dim(v, start, chunk) for k, v in arrays.items()}
+        return self.kind.dense(sliced).astype(self.dtype)
+
+
+def walk_input(table: _table.Table, dtype: Any) -> tuple[Any, _FrozenRows | None]:
+    """What the walk reads the table from: a float matrix in `dtype` (differentiable), or a
+    frozen table's own arrays with the `_FrozenRows` that reads them."""
+    if table.kind.frozen:
+        return table.arrays, _FrozenRows(table.kind, np.dtype(dtype))
+    return table.dense().astype(dtype), None
+
+
+def _read_chunk(q, low_rank, table, a, start, first, chunk, scale, frozen=None) -> _Chunk:
+    if frozen is None:
+        rows = jax.lax.dynamic_slice_in_dim(table, start, chunk)
+    else:
+        rows = frozen.read(table, start, chunk)
+    rows = rows.astype(jnp.float32)
     raw = jnp.einsum("td,cd->tc", q, rows, precision=jax.lax.Precision.HIGHEST)
     a_rows = None
     if a is not None:
@@ -163,11 +191,12 @@ def attend_cross_entropy(
     setup = _setup(params, query, labels, **_options(locals()))
     table, adapter = setup.table, setup.table.adapter
     tokens = setup.query.shape[0]
-    static = (setup.chunk(tokens, table.input_dim), setup.logit_soft_cap, setup.scale)
+    table_input, frozen = walk_input(table, setup.dtype)
+    static = (setup.chunk(tokens, table.input_dim), setup.logit_soft_cap, setup.scale, frozen)
     statistics = _whole_table_statistics(
         static,
         setup.query,
-        table.dense().astype(setup.dtype),
+        table_input,
         None if adapter is None else adapter.a,
         None if adapter is None else adapter.b,
         setup.labels,
@@ -185,17 +214,18 @@ def _partial_forward(static, q, table, a, b, labels):
     """Per-token `(logsumexp, label logit, logit sum)` over the rows of `table` (a shard).
 
     `labels` are row indices into `table`; one outside `[0, rows)` names no row here (its
-    label logit is 0). `static` is `(chunk, logit_soft_cap, lora_scale)`.
+    label logit is 0). `static` is `(chunk, logit_soft_cap, lora_scale, frozen)`, `frozen` a
+    `_FrozenRows` when `table` is a frozen table's arrays, else None (`table` is a matrix).
     """
-    chunk, cap, scale = static
+    chunk, cap, scale, frozen = static
     tokens = q.shape[0]
     low_rank = None if b is None else q @ b.astype(jnp.float32).T
-    starts, firsts = _starts(table.shape[0], chunk)
+    starts, firsts = _starts(_rows_of(table), chunk)
 
     def body(carry, start_first):
         running_max, running_sum, logit_sum, label_logit = carry
         start, first = start_first
-        block = _read_chunk(q, low_rank, table, a, start, first, chunk, scale)
+        block = _read_chunk(q, low_rank, table, a, start, first, chunk, scale, frozen)
         logits, new = soft_cap(block.raw, cap), block.new
         masked = jnp.where(new, logits, -jnp.inf)
         new_max = jnp.maximum(running_max, masked.max(axis=1))
@@ -231,18 +261,20 @@ def _partial_statistics_fwd(static, q, table, a, b, labels):
 
 
 def _partial_statistics_bwd(static, residuals, cotangents):
-    chunk, cap, scale = static
+    chunk, cap, scale, frozen = static
     q, table, a, b, labels, lse = residuals
     g_lse, g_label, g_sum = cotangents  # per token
     b32 = None if b is None else b.astype(jnp.float32)
     low_rank = None if b is None else q @ b32.T
-    starts, firsts = _starts(table.shape[0], chunk)
+    starts, firsts = _starts(_rows_of(table), chunk)
     columns = jnp.arange(chunk, dtype=jnp.int32)
 
     def body(carry, start_first):
         dq, d_table, d_a, d_low_rank = carry
         start, first = start_first
-        rows, a_rows, raw, new = _read_chunk(q, low_rank, table, a, start, first, chunk, scale)
+        rows, a_rows, raw, new = _read_chunk(
+            q, low_rank, table, a, start, first, chunk, scale, frozen
+        )
         logits = soft_cap(raw, cap)
         probs = jnp.where(new, jnp.exp(logits - lse[:, None]), 0.0)
         onehot = (labels[:, None] == start + columns) & new
@@ -254,7 +286,8 @@ def _partial_statistics_bwd(static, residuals, cotangents):
         if cap is not None:
             d_logits = d_logits * (1 - jnp.square(jnp.tanh(raw / cap)))
         dq = dq + d_logits @ rows
-        d_table = _add_rows(d_table, start, jnp.where(new[:, None], d_logits.T @ q, 0.0))
+        if frozen is None:
+            d_table = _add_rows(d_table, start, jnp.where(new[:, None], d_logits.T @ q, 0.0))
         if a_rows is not None:
             d_low_rank = d_low_rank + scale * (d_logits @ a_rows)
             d_a_rows = jnp.where(new[:, None], scale * (d_logits.T @ low_rank), 0.0)
@@ -264,7 +297,7 @@ def _partial_statistics_bwd(static, residuals, cotangents):
     rank = 0 if b is None else b.shape[0]
     init = (
         jnp.zeros_like(q),
-        jnp.zeros_like(table, jnp.float32),
+        None if frozen else jnp.zeros_like(table, jnp.float32),
         None if a is None else jnp.zeros_like(a, jnp.float32),
         jnp.zeros_like(q, jnp.float32, shape=(q.shape[0], rank)),
     )
@@ -275,7 +308,22 @@ def _partial_statistics_bwd(static, residuals, cotangents):
         d_b = (d_low_rank.T @ q).astype(b.dtype)
         d_a = d_a.astype(a.dtype)
     labels_cotangent = np.zeros(labels.shape, jax.dtypes.float0)
-    return dq, d_table.astype(table.dtype), d_a, d_b, labels_cotangent
+    if frozen is None:
+        d_table = d_table.astype(table.dtype)
+    else:  # a frozen table: zero cotangents (float0 for its integer arrays)
+        d_table = jax.tree.map(_zero_cotangent, table)
+    return dq, d_table, d_a, d_b, labels_cotangent
+
+
+def _rows_of(table: Any) -> int:
+    """Rows of the walked table: a matrix, or a frozen table's arrays (vocabulary first)."""
+    return jax.tree.leaves(table)[0].shape[0]
+
+
+def _zero_cotangent(array: jax.Array) -> Any:
+    if jnp.issubdtype(array.dtype, jnp.inexact):
+        return jnp.zeros_like(array)
+    return np.zeros(array.shape, jax.dtypes.float0)
 
 
 _partial_statistics.defvjp(_partial_statistics_fwd, _partial_statistics_bwd)
@@ -313,7 +361,7 @@ class _Setup(NamedTuple):
     def chunk(self, tokens: int, rows: int) -> int:
         """Rows per chunk for `tokens` positions against `rows` rows of the table."""
         if self.chunk_size is None:
-            return _default_chunk(tokens, rows)
+            return _default_chunk(tokens, rows, self.table.output_dim)
         return min(self.chunk_size, rows)
 
     def reduce(self, losses: jax.Array) -> jax.Array:

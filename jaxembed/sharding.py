@@ -317,7 +317,8 @@ def vocab_parallel_update(
 
 
 def _varying_alike(*arrays: Any) -> tuple[Any, ...]:
-    """`arrays` (None kept), each made varying over every mesh axis any of them varies over.
+    """`arrays` (pytrees; None kept), each leaf made varying over every mesh axis any of them
+    varies over.
 
     Inside `shard_map` a `custom_vjp` must return cotangents typed like its inputs; casting
     the inputs first lets shard_map's transpose sum each gradient over the axes its input was
@@ -328,13 +329,13 @@ def _varying_alike(*arrays: Any) -> tuple[Any, ...]:
         aval = jax.typeof(x)  # `.vma` before JAX 0.10, `.manual_axis_type.varying` since
         return aval.manual_axis_type.varying if hasattr(aval, "manual_axis_type") else aval.vma
 
-    axes = set().union(*(varying(x) for x in arrays if x is not None))
+    axes = set().union(*(varying(x) for x in jax.tree.leaves(arrays)))
 
     def cast(x: Any) -> Any:
         missing = tuple(sorted(axes - varying(x)))
         return jax.lax.pcast(x, missing, to="varying") if missing else x
 
-    return tuple(None if x is None else cast(x) for x in arrays)
+    return tuple(jax.tree.map(cast, x) for x in arrays)
 
 
 def vocab_parallel_attend_cross_entropy(
@@ -419,10 +420,12 @@ def vocab_parallel_attend_cross_entropy(
     tokens = setup.query.shape[0]
     shard_rows = input_dim // shards
     kind = table.kind
-    static = (setup.chunk(tokens // batch_size, shard_rows), setup.logit_soft_cap, setup.scale)
+    chunk = setup.chunk(tokens // batch_size, shard_rows)
+    frozen = loss.walk_input(table, setup.dtype)[1] if kind.frozen else None
+    static = (chunk, setup.logit_soft_cap, setup.scale, frozen)
 
     def local_losses(table_shards, adapter_shards, shard_query, shard_labels):
-        table_shard = kind.dense(table_shards).astype(setup.dtype)
+        table_shard = table_shards if frozen else kind.dense(table_shards).astype(setup.dtype)
         a, b = adapter_shards or (None, None)
         # Labels outside [0, shard_rows) name rows of other shards: no label logit here.
         offset = jax.lax.axis_index(vocab_axis) * shard_rows

@@ -368,6 +368,60 @@ class TestCompiledMemory:
         assert dense > bound, (dense, bound)
 
 
+QUANTIZED_FORMATS = [("int8", None), ("int4", None), ("int4", 8)]
+
+
+class TestQuantizedTables:
+    """A quantized table is walked chunk by chunk from its stored arrays (never a float copy
+    of the table), gets no gradient, and gives the materialized loss of its dequantized rows."""
+
+    @pytest.mark.parametrize("mode, block_size", QUANTIZED_FORMATS)
+    @pytest.mark.parametrize("lora", [False, True], ids=["plain", "qlora"])
+    def test_matches_materialized_and_trains_only_the_adapter(self, mode, block_size, lora):
+        params = jaxembed.quantize(make_params(), mode, block_size=block_size)
+        if lora:
+            params = jaxembed.enable_lora(params, jax.random.key(1), 4, b_initializer="normal")
+        trainable, frozen = jaxembed.lora.split_trainable(params)
+        kwargs = {"lora_alpha": 8.0, "logit_soft_cap": 3.0, "where": MASK}
+
+        def loss(trainable, query, loss_fn):
+            return loss_fn(jaxembed.lora.combine(trainable, frozen), query, LABELS, **kwargs)
+
+        fused_fn = functools.partial(
+            jaxembed.attend_cross_entropy, chunk_size=128
+        )  # 300 rows: a ragged last chunk
+        fused = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+        value, grads = fused(trainable, make_query(), fused_fn)
+        expected_value, expected_grads = jax.value_and_grad(loss, argnums=(0, 1))(
+            trainable, make_query(), reference
+        )
+        np.testing.assert_allclose(value, expected_value, **F32_TOL)
+        chex.assert_trees_all_close(grads, expected_grads, **F32_TOL)
+        assert {k for k, v in grads[0].items() if v is not None} <= set(jaxembed._table.LORA_KEYS)
+
+    def test_compiled_memory_below_one_float_copy_of_the_table(self):
+        vocab, dim, tokens = 262144, 1024, 64
+        table_bytes = 4 * vocab * dim  # one float32 copy: 1 GiB
+        params = {
+            "embeddings_int4": jax.ShapeDtypeStruct((vocab, dim // 2), jnp.int8),
+            "embeddings_scale": jax.ShapeDtypeStruct((vocab,), jnp.float32),
+        }
+        query = jax.ShapeDtypeStruct((tokens, dim), jnp.float32)
+        labels = jax.ShapeDtypeStruct((tokens,), jnp.int32)
+
+        def temp_bytes(loss_fn):
+            lowered = jax.jit(jax.value_and_grad(loss_fn, argnums=1)).lower(params, query, labels)
+            return lowered.compile().memory_analysis().temp_size_in_bytes
+
+        fused = temp_bytes(jaxembed.attend_cross_entropy)
+        assert fused < 0.05 * table_bytes, fused
+        # control: dequantizing first holds a float copy of the table
+        naive = temp_bytes(
+            lambda p, q, y: jaxembed.attend_cross_entropy(jaxembed.dequantize(p), q, y)
+        )
+        assert naive > table_bytes, naive
+
+
 class TestTransforms:
     def test_jit_with_defaults_and_grad(self, setup):
         params, query, _, labels, _ = setup

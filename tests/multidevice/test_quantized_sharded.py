@@ -134,3 +134,37 @@ def test_nnx_quantized_variables_carry_vocab_axes():
         assert isinstance(variable, jaxembed.nnx.Quantized)
         assert variable[...].sharding.spec[0] == "model", key
     chex.assert_shape(out, (*IDS.shape, D))
+
+
+@formats
+@kinds
+def test_fused_loss_on_a_vocab_sharded_quantized_table(fmt, kind):
+    """vocab_parallel_attend_cross_entropy: each device walks its own stored rows; the loss
+    and the adapter's gradients equal the unsharded ones, and no table array is gathered."""
+    params = quantized_params(fmt, lora=True)
+    trainable, frozen = jaxembed.lora.split_trainable(params)
+    labels = IDS[:, :3]
+    mesh = make_mesh(kind)
+    sharded_frozen = shard_rows({k: v for k, v in frozen.items() if v is not None}, mesh)
+    sharded_frozen = {**frozen, **sharded_frozen}
+
+    def loss(trainable, frozen, loss_fn):
+        return loss_fn(jaxembed.lora.combine(trainable, frozen), QUERY, labels, chunk_size=8)
+
+    parallel = functools.partial(
+        jaxembed.sharding.vocab_parallel_attend_cross_entropy, vocab_axis="model", mesh=mesh
+    )
+    step = jax.jit(jax.value_and_grad(loss), static_argnums=2)
+    with jax.set_mesh(mesh):
+        value, grads = step(trainable, sharded_frozen, parallel)
+        hlo = _hlo.compiled_text(
+            jax.jit(jax.value_and_grad(functools.partial(loss, loss_fn=parallel))),
+            trainable,
+            sharded_frozen,
+        )
+    expected_value, expected_grads = jax.value_and_grad(loss)(
+        trainable, frozen, jaxembed.attend_cross_entropy
+    )
+    chex.assert_trees_all_close(value, expected_value, rtol=1e-5)
+    chex.assert_trees_all_close(grads, expected_grads, rtol=1e-4, atol=1e-6)
+    assert gathered_table_arrays(hlo, params) == []
