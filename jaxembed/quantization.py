@@ -88,8 +88,10 @@ def parse_format(quantization: Any, output_dim: int) -> _quantized.Format | None
     """
     if quantization is None:
         return None
-    mode, _, block = quantization.partition("/") if isinstance(quantization, str) else ("", "", "")
-    if mode not in MODES or (block and not block.isdigit()):
+    mode, slash, block = (
+        quantization.partition("/") if isinstance(quantization, str) else ("", "", "")
+    )
+    if mode not in MODES or (slash and not block.isdigit()):
         raise ValueError(
             '`quantization` must be None, "int8", "int4", or a mode with a block size such as '
             f'"int4/128". Received: quantization={quantization!r}.'
