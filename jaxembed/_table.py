@@ -9,10 +9,12 @@ Every other module asks this one, through `view(params)`, instead of reading
     table.contract(query, dtype)    # query @ table.T, sharded like the table
     table.dense()                   # the whole (input_dim, output_dim) float matrix
 
-**Adding a table kind** (int8 rows with per-row scales, int4 with grouped scales, ...): write
-a `TableKind` subclass here, naming the params keys it stores and answering `shape`, `dtype`,
-`gather` and `dense` (and `contract` where it can beat contracting against `dense()`), then
-add it to `KINDS`. `jaxembed.apply`, `attend`, LoRA, regularization and the vocab-parallel
+Two kinds exist: `DenseTable` (a float matrix under "embeddings") and `QuantizedTable`
+(int8 or packed int4 values with float32 scales, and int8 zero points when grouped; the maths
+in `jaxembed._quantized`). **Adding a table kind**: write a `TableKind` subclass here, naming
+the params keys it stores and answering `shape`, `dtype`, `gather` and `dense` (and
+`contract` where it can beat contracting against `dense()`, `encode` where merging should
+keep the kind, `frozen` where it is never trained), then add it to `KINDS`. `jaxembed.apply`, `attend`, LoRA, regularization and the vocab-parallel
 `shard_map` then work on it unchanged: they only call the methods above. Two rules make the
 sharded lookup work: every array of a kind has the vocabulary as its first dimension (so
 splitting rows splits the table), and `gather` honours `Indices.fill` (NaN rows for
