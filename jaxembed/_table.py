@@ -14,8 +14,9 @@ Two kinds exist: `DenseTable` (a float matrix under "embeddings") and `Quantized
 in `jaxembed._quantized`). **Adding a table kind**: write a `TableKind` subclass here, naming
 the params keys it stores and answering `shape`, `dtype`, `gather` and `dense` (and
 `contract` where it can beat contracting against `dense()`, `encode` where merging should
-keep the kind, `frozen` where it is never trained), then add it to `KINDS`. `jaxembed.apply`, `attend`, LoRA, regularization and the vocab-parallel
-`shard_map` then work on it unchanged: they only call the methods above. Two rules make the
+keep the kind, `frozen` where it is never trained), then add it to `KINDS`. `jaxembed.apply`,
+`attend`, LoRA, regularization and the vocab-parallel `shard_map` then work on it unchanged:
+they only call the methods above. Two rules make the
 sharded lookup work: every array of a kind has the vocabulary as its first dimension (so
 splitting rows splits the table), and `gather` honours `Indices.fill` (NaN rows for
 out-of-range ids; integer storage gathers clipped rows, dequantizes, then masks them).
