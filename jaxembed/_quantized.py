@@ -22,6 +22,7 @@ rows, a chunk of the vocabulary and the whole table alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -75,6 +76,7 @@ class Quantized(NamedTuple):
     zero: jax.Array | None
 
 
+@functools.partial(jax.jit, static_argnums=1)  # compiled once per shape: eager calls are fast
 def quantize(matrix: jax.Array, fmt: Format) -> Quantized:
     """Quantizes `(..., D)` rows as Keras 3.15 does (float32 arithmetic, round half to even).
 
