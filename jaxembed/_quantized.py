@@ -90,13 +90,10 @@ def quantize(matrix: jax.Array, fmt: Format) -> Quantized:
         blocks = x.reshape(*x.shape[:-1], -1, fmt.block_size)
         minimum = blocks.min(axis=-1, keepdims=True)
         spread = (blocks.max(axis=-1, keepdims=True) - minimum) + EPSILON
-        # XLA turns a division by a (broadcast) constant into a multiplication by its rounded
-        # reciprocal, one ulp off Keras's NumPy step; a barrier around a full array of the
-        # constant keeps the true division.
-        levels = jax.lax.optimization_barrier(jnp.full(spread.shape, high - low, jnp.float32))
-        step = spread / levels
+        step = spread / _unbroadcast(jnp.float32(high - low), spread)
         zero = jnp.clip(jnp.round(-minimum / step) + low, low, high)
-        q = jnp.clip(jnp.round(blocks / step) + zero, low, high).reshape(x.shape)
+        q = jnp.round(blocks / _unbroadcast(step, blocks)) + zero
+        q = jnp.clip(q, low, high).reshape(x.shape)
         scale, zero = step[..., 0], zero[..., 0].astype(jnp.int8)
     else:
         scale = high / (jnp.max(jnp.abs(x), axis=-1, keepdims=True) + EPSILON)
@@ -104,6 +101,18 @@ def quantize(matrix: jax.Array, fmt: Format) -> Quantized:
         scale, zero = scale[..., 0], None
     q = q.astype(jnp.int8)
     return Quantized(pack_int4(q) if fmt.packed else q, scale, zero)
+
+
+def _unbroadcast(divisor: jax.Array, like: jax.Array) -> jax.Array:
+    """`divisor` broadcast to `like`'s shape, so that XLA keeps a true division by it.
+
+    XLA rewrites `x / broadcast(d)` as `x * broadcast(1 / d)`: one ulp off the correctly
+    rounded quotient for about a third of the values, which turns rounding ties (a quotient of
+    exactly k + 0.5) the other way than Keras's NumPy division. Adding `0 * like` (exactly
+    zero for finite values, and fused away into the same loop) makes the divisor an array
+    expression XLA cannot rewrite that way.
+    """
+    return divisor + 0 * jax.lax.stop_gradient(like)
 
 
 def pack_int4(q: jax.Array) -> jax.Array:

@@ -258,15 +258,27 @@ _CHUNK_BYTES = 16 * 2**20
 """`attend` on a quantized table dequantizes about this many bytes of rows at a time."""
 
 
-def _chunk_count(input_dim: int, output_dim: int) -> int:
+def _chunk_rows(output_dim: int) -> int:
+    return max(1, _CHUNK_BYTES // (4 * output_dim))
+
+
+def _strided_chunk_count(input_dim: int, output_dim: int) -> int:
     """How many strided chunks: the fewest that divide `input_dim` and keep a chunk's float32
-    rows within `_CHUNK_BYTES`, or 0 when no divisor comes close (then contiguous chunks)."""
-    rows = max(1, _CHUNK_BYTES // (4 * output_dim))
-    fewest = -(-input_dim // rows)
+    rows within `_CHUNK_BYTES`, or 0 when no divisor comes close."""
+    fewest = -(-input_dim // _chunk_rows(output_dim))
     for count in range(fewest, 4 * fewest + 1):
         if input_dim % count == 0:
             return count
     return 0
+
+
+def _on_several_devices(array: Any) -> bool:
+    """Whether `array` may be split over devices: a concrete array on several, or a traced
+    one under a context mesh (`jax.set_mesh`) of several devices."""
+    if not _checks.is_traced(array) and hasattr(array, "sharding"):
+        return len(array.sharding.device_set) > 1
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.size > 1
 
 
 def _contract_in_chunks(
@@ -274,24 +286,28 @@ def _contract_in_chunks(
 ) -> jax.Array:
     """`query @ dense().T`, dequantizing one chunk of rows at a time into a logits buffer.
 
-    Chunks are strided (chunk `i` holds rows `i, i + n, i + 2n, ...`) when `n` divides the
-    vocabulary: reshaping `(V, ...)` to `(V / n, n, ...)` keeps a vocab-sharded table sharded
-    over its first axis, so each device dequantizes only its own rows. Otherwise chunks are
-    contiguous, the last one overlapping its predecessor (it rewrites the same logits).
+    On one device chunks are contiguous blocks of rows (the last one overlapping its
+    predecessor; it rewrites the same logits). On several (an Auto mesh: a concrete sharded
+    table, or a context mesh under jit), chunks are strided when `n` of them divide the
+    vocabulary: chunk `i` holds rows `i, i + n, i + 2n, ...`, so reshaping `(V, ...)` to
+    `(V / n, n, ...)` keeps a vocab-sharded table sharded over its first axis and each device
+    dequantizes only its own rows (contiguous slices would make the partitioner gather the
+    table). Strided reads and writes cost about 1.5x contiguous ones on CPU.
     """
     input_dim, output_dim = kind.shape(arrays)
     fmt = kind.format(arrays)
-    count = _chunk_count(input_dim, output_dim)
-    if count == 1:
+    per_chunk = _chunk_rows(output_dim)
+    if per_chunk >= input_dim:
         return TableKind.contract(kind, arrays, query, None)
     batch = query.shape[:-1]
 
     def logits_of(rows: jax.Array) -> jax.Array:
         return jnp.einsum("...d,vd->...v", query, rows.astype(query.dtype))
 
-    if count:
-        per_chunk = input_dim // count
-        strided = {k: v.reshape(per_chunk, count, *v.shape[1:]) for k, v in arrays.items()}
+    count = _strided_chunk_count(input_dim, output_dim)
+    if count and _on_several_devices(arrays[kind.keys[0]]):
+        rows_per_chunk = input_dim // count
+        strided = {k: v.reshape(rows_per_chunk, count, *v.shape[1:]) for k, v in arrays.items()}
 
         def strided_step(i: jax.Array, buffer: jax.Array) -> jax.Array:
             def rows(array: jax.Array) -> jax.Array:
@@ -300,10 +316,8 @@ def _contract_in_chunks(
             block = logits_of(kind.dequantize(strided, fmt, rows))[..., None]
             return jax.lax.dynamic_update_slice_in_dim(buffer, block, i, axis=-1)
 
-        buffer = jnp.zeros((*batch, per_chunk, count), query.dtype)
+        buffer = jnp.zeros((*batch, rows_per_chunk, count), query.dtype)
         return jax.lax.fori_loop(0, count, strided_step, buffer).reshape(*batch, input_dim)
-
-    per_chunk = max(1, _CHUNK_BYTES // (4 * output_dim))
 
     def contiguous_step(i: jax.Array, buffer: jax.Array) -> jax.Array:
         start = jnp.minimum(i * per_chunk, input_dim - per_chunk)
