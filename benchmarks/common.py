@@ -57,17 +57,22 @@ def load_average() -> str:
 
 
 def time_round_robin(
-    calls: Mapping[K, Callable[[], Any]], rounds: int
+    calls: Mapping[K, Callable[[], Any]], rounds: int, *, settle_s: float = 0.0
 ) -> tuple[dict[K, list[float]], dict[K, list[int]]]:
     """Per-call seconds (and minor page faults) of each zero-argument call, `rounds` samples
     each; every round calls each once, the first one called rotating each round, so that drift
-    on a noisy machine hits all of them alike. A sample is one call + `block_until_ready`."""
+    on a noisy machine hits all of them alike. A sample is one call + `block_until_ready`.
+
+    `settle_s`: a pause before every call, not timed. XLA:CPU returns a call's large temp
+    buffers to the OS after the call has returned, and the call timed next pays for it."""
     samples: dict[K, list[float]] = {key: [] for key in calls}
     faults: dict[K, list[int]] = {key: [] for key in calls}
     items = list(calls.items())
     for r in range(rounds):
         shift = r % len(items)
         for key, call in items[shift:] + items[:shift]:
+            if settle_s:
+                time.sleep(settle_s)
             faults_before = minor_faults()
             start = time.perf_counter()
             jax.block_until_ready(call())
