@@ -95,8 +95,13 @@ def one_of(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
 
 
 def boolean(name: str, value: Any) -> bool:
-    """Returns `value` if it is True or False, else raises."""
-    return one_of(name, value, (True, False))
+    """Returns `value` if it is True or False (a Python or NumPy bool; not 1 or 0), else
+    raises."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(
+            f"`{name}` must be one of [True, False]. Received: {name}={describe(value)}."
+        )
+    return bool(value)
 
 
 def axis_of_matrix(name: str, value: Any) -> int:

@@ -11,9 +11,10 @@ Three formats, each bit-compatible with what `keras.layers.Embedding.quantize` s
 Per-row formats are symmetric abs-max (`scale = qmax / (max|row| + 1e-7)`, a multiplier, as
 Keras stores it); grouped formats are asymmetric min-max per block of `B` columns (`scale` is
 the step `(max - min + 1e-7) / 15` and `zero` an int8 zero point, as Keras's
-`abs_max_quantize_grouped_with_zero_point`). int4 packs two values per byte along the columns:
-column `2j` in the low nibble of byte `j`, column `2j + 1` in the high nibble (Keras's
-`pack_int4(axis=-1)`).
+`abs_max_quantize_grouped_with_zero_point`, with each block's range widened to include 0 as
+Keras fixed it after 3.15: identical for every block holding both signs). int4 packs two
+values per byte along the columns: column `2j` in the low nibble of byte `j`, column `2j + 1`
+in the high nibble (Keras's `pack_int4(axis=-1)`).
 
 Everything here works on any leading shape, so one `dequantize` serves a gathered batch of
 rows, a chunk of the vocabulary and the whole table alike.
@@ -87,9 +88,14 @@ def quantize(matrix: jax.Array, fmt: Format) -> Quantized:
     x = matrix.astype(jnp.float32)
     low, high = fmt.value_range
     if fmt.grouped:
-        blocks = x.reshape(*x.shape[:-1], -1, fmt.block_size)
-        minimum = blocks.min(axis=-1, keepdims=True)
-        spread = (blocks.max(axis=-1, keepdims=True) - minimum) + EPSILON
+        blocks = x.reshape(*x.shape[:-1], x.shape[-1] // fmt.block_size, fmt.block_size)
+        # Each block's range includes 0 (as keras-team/keras#23636, after 3.15): the zero
+        # point is then always representable and every value within half a step. Keras 3.15
+        # took the block's own min and max, pinning the zero point of a one-signed block to
+        # the end of the range and clipping its codes (0.5 and 0.7 both became code 7).
+        minimum = jnp.minimum(blocks.min(axis=-1, keepdims=True), 0.0)
+        maximum = jnp.maximum(blocks.max(axis=-1, keepdims=True), 0.0)
+        spread = (maximum - minimum) + EPSILON
         step = spread / _unbroadcast(jnp.float32(high - low), spread)
         zero = jnp.clip(jnp.round(-minimum / step) + low, low, high)
         q = jnp.round(blocks / _unbroadcast(step, blocks)) + zero
@@ -117,7 +123,7 @@ def _unbroadcast(divisor: jax.Array, like: jax.Array) -> jax.Array:
 
 def pack_int4(q: jax.Array) -> jax.Array:
     """`(..., D)` int8 values in [-8, 7] -> `(..., D/2)` bytes: even columns in the low nibble."""
-    pairs = q.astype(jnp.int32).reshape(*q.shape[:-1], -1, 2)
+    pairs = q.astype(jnp.int32).reshape(*q.shape[:-1], q.shape[-1] // 2, 2)
     byte = (pairs[..., 0] & 0xF) | ((pairs[..., 1] & 0xF) << 4)
     return jnp.where(byte > 127, byte - 256, byte).astype(jnp.int8)
 
@@ -156,7 +162,7 @@ def dequantize(
     q = integers(values, fmt).astype(jnp.float32)
     if not fmt.grouped:
         return q / scale.astype(jnp.float32)[..., None]
-    blocks = q.reshape(*q.shape[:-1], -1, fmt.block_size)
+    blocks = q.reshape(*q.shape[:-1], q.shape[-1] // fmt.block_size, fmt.block_size)
     zero = zero.astype(jnp.float32)[..., None]
     return ((blocks - zero) * scale.astype(jnp.float32)[..., None]).reshape(q.shape)
 

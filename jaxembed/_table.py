@@ -152,6 +152,13 @@ class DenseTable(TableKind):
         return jnp.asarray(arrays[EMBEDDINGS])
 
 
+def _array_summary(array: Any) -> str:
+    """ "shape (5, 1), dtype int8" for an array (traced or not), else a description."""
+    if hasattr(array, "shape") and hasattr(array, "dtype"):
+        return f"shape {tuple(array.shape)}, dtype {array.dtype}"
+    return _checks.describe(array)
+
+
 class QuantizedTable(TableKind):
     """An int8 or int4 table with float32 scales (and int8 zero points when grouped), stored as
     Keras stores it; `jaxembed._quantized` holds the maths.
@@ -182,7 +189,7 @@ class QuantizedTable(TableKind):
         if getattr(values, "ndim", None) != 2 or getattr(values, "dtype", None) != jnp.int8:
             raise ValueError(
                 f"params[{values_key!r}] must be a 2-D int8 array (as jaxembed.quantize "
-                f"returns). Received: {_checks.describe(values)}."
+                f"returns). Received: {_array_summary(values)}."
             )
         input_dim, stored = values.shape
         output_dim = 2 * stored if self.mode == "int4" else stored
@@ -202,7 +209,7 @@ class QuantizedTable(TableKind):
             if tuple(getattr(zero, "shape", ())) != scale_shape or zero.dtype != jnp.int8:
                 raise ValueError(
                     f"params[{ZERO!r}] must be int8 of the scale's shape {scale_shape}. "
-                    f"Received: {_checks.describe(zero)}."
+                    f"Received: {_array_summary(zero)}."
                 )
             if scale_shape[1] == 0 or output_dim % scale_shape[1]:
                 raise ValueError(

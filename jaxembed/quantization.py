@@ -63,11 +63,6 @@ def _format(mode: Any, block_size: Any, output_dim: int) -> _quantized.Format:
                 f"`block_size` must divide output_dim={output_dim} (every group of columns has "
                 f"one scale and zero point). Received: block_size={block_size}."
             )
-        if mode == "int4" and block_size % 2:
-            raise ValueError(
-                "`block_size` must be even for int4 (two values share a byte). "
-                f"Received: block_size={block_size}."
-            )
     if mode == "int4" and output_dim % 2:
         raise ValueError(
             f"int4 packs two values per byte along output_dim, which must be even. Received: "
@@ -111,8 +106,8 @@ def quantize(params: Params, mode: str, *, block_size: int | None = None) -> Par
     Args:
         params: float params from `init` (a LoRA adapter beside the table is kept as is).
         mode: "int8" or "int4".
-        block_size: None: one scale per row. An int dividing `output_dim` (even for int4):
-            a scale and zero point per block of that many columns.
+        block_size: None: one scale per row. An int dividing `output_dim`: a scale and zero
+            point per block of that many columns (each block's range includes 0).
 
     Returns:
         `{"embeddings_int8" | "embeddings_int4": values, "embeddings_scale": (V,) or (V, D/B)

@@ -144,7 +144,9 @@ def regularization_penalty(params: dict[str, jax.Array], embeddings_regularizer:
     """The penalty of the trainable weights, a scalar to add to the training loss.
 
     As Keras, the penalty covers the trainable weights: the table, or, under LoRA (table
-    frozen), `regularizer(A) + regularizer(B)`.
+    frozen), `regularizer(A) + regularizer(B)`. A quantized table without an adapter is
+    penalized on its dequantized values (a constant, since nothing trains it; Keras gives no
+    penalty there).
 
     Args:
         params: a jaxembed params dict with the `(input_dim, output_dim)` table under
