@@ -16,8 +16,8 @@ Then one class per kind of bad input: unsigned ids, 64-bit ids with and without 
 ids, vocabularies too large for int32 indexing, weights or LoRA merges that overflow the
 table's dtype, caller-owned weights mutated after construction, integer tables, rank-0
 adapters, user callables returning the wrong thing, float16 tables under constraints and
-penalties, degenerate tables under the orthogonal regularizer, malformed containers, and the
-import surface.
+penalties, degenerate tables under the orthogonal regularizer, malformed containers, the
+import surface, and quantizing (modes, block sizes, misshapen quantized arrays).
 
 Each class runs its inputs eagerly, under plain `jax.jit` and under `checkify` where those
 apply (the `MODES` helpers below). A new kind of bad input gets a new class here, with the
@@ -857,3 +857,220 @@ class TestImportSurface:
             [sys.executable, "-c", code], capture_output=True, text=True, check=False
         )
         assert result.returncode == 0, result.stderr[-2000:]
+
+
+Q_TABLE = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+Q_PARAMS = {"embeddings": jnp.asarray(Q_TABLE)}
+Q_INT8 = jaxembed.quantize(Q_PARAMS, "int8")
+Q_INT4_GROUPED = jaxembed.quantize(Q_PARAMS, "int4", block_size=4)  # scale, zero: (5, 2)
+Q_IDS = np.array([1, 4], np.int32)
+VALUE_KEYS = ("embeddings_int8", "embeddings_int4")
+
+
+def quantize_fn(mode, **kwargs):
+    """`params -> jaxembed.quantize(params, mode, **kwargs)`, the hyperparameters static."""
+    return functools.partial(jaxembed.quantize, mode=mode, **kwargs)
+
+
+def assert_names(message, *names):
+    for name in names:
+        assert name in message, (name, message)
+
+
+Q_TWO_TABLES = {
+    "float and int8": {**PARAMS, **Q_INT8},
+    "int8 and int4": {**Q_INT8, "embeddings_int4": jnp.zeros((5, 4), jnp.int8)},
+}
+
+Q_TWO_TABLE_CALLS = {
+    "apply": lambda p: jaxembed.apply(p, Q_IDS),
+    "quantize": lambda p: jaxembed.quantize(p, "int8"),
+    "dequantize": jaxembed.dequantize,
+}
+
+Q_MISSHAPEN = {
+    "float values": (
+        Q_INT8,
+        {"embeddings_int8": Q_INT8["embeddings_int8"].astype(jnp.float32)},
+        ValueError,
+        ["params['embeddings_int8']", "int8", "float32"],
+    ),
+    "1-D values": (
+        Q_INT8,
+        {"embeddings_int8": jnp.zeros((40,), jnp.int8)},
+        ValueError,
+        ["params['embeddings_int8']", "2-D", "(40,)"],
+    ),
+    "scale too short": (
+        Q_INT8,
+        {"embeddings_scale": Q_INT8["embeddings_scale"][:-1]},
+        ValueError,
+        ["params['embeddings_scale']", "(5,)", "Received: shape (4,)"],
+    ),
+    "grouped scale on a per-row table": (
+        Q_INT8,
+        {"embeddings_scale": jnp.ones((5, 2))},
+        ValueError,
+        ["params['embeddings_scale']", "(5,)", "Received: shape (5, 2)"],
+    ),
+    "integer scale": (
+        Q_INT8,
+        {"embeddings_scale": jnp.ones((5,), jnp.int32)},
+        TypeError,
+        ["params['embeddings_scale']", "floating", "int32"],
+    ),
+    "zero of the wrong dtype": (
+        Q_INT4_GROUPED,
+        {"embeddings_zero": Q_INT4_GROUPED["embeddings_zero"].astype(jnp.int32)},
+        ValueError,
+        ["params['embeddings_zero']", "int8", "(5, 2)", "int32"],
+    ),
+    "zero of the wrong shape": (
+        Q_INT4_GROUPED,
+        {"embeddings_zero": jnp.zeros((5, 1), jnp.int8)},
+        ValueError,
+        ["params['embeddings_zero']", "(5, 2)", "(5, 1)"],
+    ),
+    "groups not dividing": (
+        Q_INT4_GROUPED,
+        {"embeddings_scale": jnp.ones((5, 3)), "embeddings_zero": jnp.zeros((5, 3), jnp.int8)},
+        ValueError,
+        ["params['embeddings_scale']", "output_dim=8", "3 groups"],
+    ),
+    "no groups": (
+        Q_INT4_GROUPED,
+        {"embeddings_scale": jnp.ones((5, 0)), "embeddings_zero": jnp.zeros((5, 0), jnp.int8)},
+        ValueError,
+        ["params['embeddings_scale']", "output_dim=8", "0 groups"],
+    ),
+    "scale rows differ from values rows": (
+        Q_INT4_GROUPED,
+        {"embeddings_scale": jnp.ones((4, 2)), "embeddings_zero": jnp.zeros((4, 2), jnp.int8)},
+        ValueError,
+        ["params['embeddings_scale']", "(5, groups)", "(4, 2)"],
+    ),
+}
+
+# Every function reads params through the same check: two entry points suffice.
+Q_MISSHAPEN_CALLS = {
+    "apply": lambda p: jaxembed.apply(p, Q_IDS),
+    "dequantize": jaxembed.dequantize,
+}
+
+
+class TestQuantize:
+    """Quantizing and reading quantized params: every refusal names the argument (or the
+    params key) and the value received, eagerly and under `jax.jit`."""
+
+    @pytest.mark.parametrize("mode", ["eager", "jit"])
+    @pytest.mark.parametrize(
+        ("quantization_mode", "shown"),
+        [("int2", "'int2'"), (None, "None"), (8, "8"), ("INT8", "'INT8'")],
+    )
+    def test_unknown_mode(self, quantization_mode, shown, mode):
+        with pytest.raises(ValueError, match=r"`mode`") as info:
+            run(mode, quantize_fn(quantization_mode), Q_PARAMS)
+        assert_names(str(info.value), f"mode={shown}", "'int8'", "'int4'")
+
+    @pytest.mark.parametrize("mode", ["eager", "jit"])
+    @pytest.mark.parametrize("params", [Q_INT8, Q_INT4_GROUPED], ids=["int8", "int4/4"])
+    def test_quantizing_twice(self, params, mode):
+        with pytest.raises(ValueError, match="already quantized") as info:
+            run(mode, quantize_fn("int8"), params)
+        assert_names(str(info.value), "`params`", "mode='int8'", "jaxembed.dequantize")
+
+    @pytest.mark.parametrize("mode", ["eager", "jit"])
+    @pytest.mark.parametrize(
+        ("quantization_mode", "block_size", "shown"),
+        [
+            ("int8", 0, "block_size=0"),
+            ("int8", -1, "block_size=-1"),
+            ("int4", 3.5, "block_size=3.5"),
+            ("int4", True, "block_size=True"),
+            ("int8", 4.0, "block_size=4.0"),
+            ("int8", "4", "block_size='4'"),
+            ("int8", 3, "block_size=3"),  # does not divide output_dim=8
+            ("int4", 16, "block_size=16"),  # larger than output_dim=8
+        ],
+    )
+    def test_bad_block_size(self, quantization_mode, block_size, shown, mode):
+        with pytest.raises(ValueError, match=r"`block_size`") as info:
+            run(mode, quantize_fn(quantization_mode, block_size=block_size), Q_PARAMS)
+        assert_names(str(info.value), shown)
+
+    def test_block_size_not_dividing_names_output_dim(self):
+        with pytest.raises(ValueError, match="divide output_dim=8") as info:
+            jaxembed.quantize(Q_PARAMS, "int8", block_size=3)
+        assert_names(str(info.value), "block_size=3")
+
+    @pytest.mark.parametrize("mode", ["eager", "jit"])
+    @pytest.mark.parametrize("block_size", [None, 7])
+    def test_int4_odd_output_dim(self, block_size, mode):
+        params = {"embeddings": jnp.ones((3, 7))}
+        with pytest.raises(ValueError) as info:
+            run(mode, quantize_fn("int4", block_size=block_size), params)
+        # a block of 7 divides output_dim=7; the odd output_dim is what int4 cannot pack
+        assert_names(str(info.value), "output_dim=7", "Pad", "mode='int8'")
+        # int8 takes an odd output_dim.
+        assert jaxembed.quantize(params, "int8")["embeddings_int8"].shape == (3, 7)
+
+    @pytest.mark.parametrize("mode", ["eager", "jit"])
+    @pytest.mark.parametrize("params", [Q_INT8, Q_INT4_GROUPED], ids=["int8", "int4/4"])
+    @pytest.mark.parametrize("constraint", ["max_norm", "non_neg"])
+    def test_constraints_refused(self, params, constraint, mode):
+        fn = functools.partial(jaxembed.apply_constraint, embeddings_constraint=constraint)
+        with pytest.raises(ValueError, match="frozen") as info:
+            run(mode, fn, params)
+        assert_names(str(info.value), "apply_constraint", "embeddings_constraint")
+        # With an adapter beside the table, the refusal stays.
+        with pytest.raises(ValueError, match="frozen"):
+            run(mode, fn, jaxembed.enable_lora(params, KEY, 2))
+
+    @pytest.mark.parametrize("mode", ["eager", "jit"])
+    def test_dequantize_float_params(self, mode):
+        with pytest.raises(ValueError, match="quantized table") as info:
+            run(mode, jaxembed.dequantize, PARAMS)
+        assert_names(str(info.value), "`params`", "['embeddings']")
+
+    def test_dequantize_integer_dtype(self):
+        with pytest.raises(ValueError, match=r"`dtype`") as info:
+            jaxembed.dequantize(Q_INT8, dtype=jnp.int32)
+        assert_names(str(info.value), "dtype=", "int32")
+
+    def test_merge_lora_requantize_must_be_a_bool(self):
+        params = jaxembed.enable_lora(Q_INT8, KEY, 2)
+        with pytest.raises(ValueError, match=r"`requantize`") as info:
+            jaxembed.merge_lora(params, requantize="yes")
+        assert_names(str(info.value), "requantize='yes'")
+
+    @pytest.mark.parametrize("mode", ["eager", "jit"])
+    @pytest.mark.parametrize("call", Q_TWO_TABLE_CALLS)
+    @pytest.mark.parametrize("params", Q_TWO_TABLES)
+    def test_two_tables(self, params, call, mode):
+        params = Q_TWO_TABLES[params]
+        with pytest.raises(ValueError, match="one table") as info:
+            run(mode, Q_TWO_TABLE_CALLS[call], params)
+        tables = sorted(key for key in params if key in ("embeddings", *VALUE_KEYS))
+        assert_names(str(info.value), "`params`", str(tables))
+
+    @pytest.mark.parametrize("mode", ["eager", "jit"])
+    @pytest.mark.parametrize("call", Q_MISSHAPEN_CALLS)
+    @pytest.mark.parametrize("case", Q_MISSHAPEN)
+    def test_misshapen_or_mistyped_arrays(self, case, call, mode):
+        params, changes, error, names = Q_MISSHAPEN[case]
+        with pytest.raises(error) as info:
+            run(mode, Q_MISSHAPEN_CALLS[call], {**params, **changes})
+        message = str(info.value)
+        assert_names(message, *names)  # the received shape as a tuple, eager or traced
+        assert len(message) < 500, message
+        # A traced array is not a hyperparameter: no advice to make it static.
+        assert "static" not in message, message
+
+    def test_half_a_quantized_table(self):
+        for params in [
+            {"embeddings_int8": Q_INT8["embeddings_int8"]},
+            {"embeddings_scale": Q_INT8["embeddings_scale"]},
+        ]:
+            with pytest.raises(ValueError, match="embeddings_scale") as info:
+                jaxembed.apply(params, Q_IDS)
+            assert_names(str(info.value), "`params`", str(sorted(params)))
