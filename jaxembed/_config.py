@@ -64,6 +64,8 @@ class LayerConfig:
     dtype: DTypeLike | None = None
     param_dtype: DTypeLike = jnp.float32
     quantization: str | None = None
+    use_rslora: bool = False
+    padding_idx: int | None = None
 
     def __post_init__(self) -> None:
         _checks.positive_int("input_dim", self.input_dim)
@@ -77,6 +79,8 @@ class LayerConfig:
             if has_constraint:
                 raise lora.refuse_constraint("Embedding")
         lora.check_alpha(self.lora_alpha)
+        _checks.boolean("use_rslora", self.use_rslora)
+        functional.check_padding_idx(self.padding_idx, self.input_dim)
         if quantization.parse_format(self.quantization, self.output_dim) and has_constraint:
             raise constraints.refuse_quantized("Embedding")
         _out_of_range.policy(self.out_of_range)
@@ -106,6 +110,7 @@ class LayerConfig:
             embeddings_initializer=self.embeddings_initializer,
             weights=self.weights,
             param_dtype=self.param_dtype,
+            padding_idx=self.padding_idx,
         )
         fmt = quantization.parse_format(self.quantization, self.output_dim)
         if fmt is None:
@@ -120,6 +125,7 @@ class LayerConfig:
             self.embeddings_initializer,
             self.weights,
             self.param_dtype,
+            self.padding_idx,
         )
 
 

@@ -16,6 +16,9 @@ Example:
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
@@ -40,13 +43,14 @@ def table_initializer(
     embeddings_initializer: initializers.InitializerLike = "uniform",
     weights: ArrayLike | None = None,
     param_dtype: DTypeLike = jnp.float32,
+    padding_idx: int | None = None,
 ) -> initializers.Initializer:
     """The `(key, shape, dtype) -> table` function that `init` and the Flax modules call.
 
     With `weights` it ignores the key and returns the weights cast to dtype; otherwise it
-    draws from `embeddings_initializer`. Arguments are validated here, once, and `weights` is
-    copied here (in `param_dtype`, the dtype it will be asked for), so later changes to the
-    caller's matrix change nothing.
+    draws from `embeddings_initializer`, with row `padding_idx` (if any) zeroed, as torch.
+    Arguments are validated here, once, and `weights` is copied here (in `param_dtype`, the
+    dtype it will be asked for), so later changes to the caller's matrix change nothing.
 
     Example:
         >>> import jax, jaxembed
@@ -58,6 +62,7 @@ def table_initializer(
     output_dim = _checks.positive_int("output_dim", output_dim)
     draw = initializers.get(embeddings_initializer)
     param_dtype = _checks.floating_dtype("param_dtype", param_dtype)
+    padding_idx = check_padding_idx(padding_idx, input_dim)
     if weights is not None:
         weights = _table.validated_weights(weights, input_dim, output_dim, param_dtype)
 
@@ -70,9 +75,27 @@ def table_initializer(
                 "`key` must be a JAX PRNG key (jax.random.key(seed)) unless `weights` is given. "
                 "Received: key=None."
             )
-        return jnp.asarray(draw(key, tuple(shape), dtype), dtype)
+        table = jnp.asarray(draw(key, tuple(shape), dtype), dtype)
+        return table if padding_idx is None else table.at[padding_idx].set(0)
 
     return init_fn
+
+
+def check_padding_idx(padding_idx: Any, input_dim: int) -> int | None:
+    """`padding_idx` as a row in `[0, input_dim)` (a negative one counts from the end, as
+    torch's), or None; else a ValueError naming it."""
+    if padding_idx is None:
+        return None
+    if (
+        isinstance(padding_idx, bool)
+        or not isinstance(padding_idx, numbers.Integral)
+        or not -input_dim <= padding_idx < input_dim
+    ):
+        raise ValueError(
+            f"`padding_idx` must be None or an int in [-input_dim, input_dim) = "
+            f"[{-input_dim}, {input_dim}). Received: padding_idx={_checks.describe(padding_idx)}."
+        )
+    return int(padding_idx) % input_dim
 
 
 def init(
@@ -83,6 +106,7 @@ def init(
     embeddings_initializer: initializers.InitializerLike = "uniform",
     weights: ArrayLike | None = None,
     param_dtype: DTypeLike = jnp.float32,
+    padding_idx: int | None = None,
 ) -> Params:
     """Creates the params of an embedding layer.
 
@@ -96,6 +120,9 @@ def init(
             numbers finite in `param_dtype` (a Keras-style `[matrix]` list too); copied,
             never modified.
         param_dtype: storage dtype of the table.
+        padding_idx: torch's `nn.Embedding(padding_idx=)`: a drawn table has that row zeroed
+            (`weights` are kept as given, as `nn.Embedding.from_pretrained`). Pass the same
+            value to `apply` so that the row receives no gradient.
 
     Returns:
         `{"embeddings": table}`, table of shape `(input_dim, output_dim)` and `param_dtype`.
@@ -109,7 +136,9 @@ def init(
         >>> jaxembed.init(jax.random.key(0), 1000, 64)["embeddings"].shape
         (1000, 64)
     """
-    init_fn = table_initializer(input_dim, output_dim, embeddings_initializer, weights, param_dtype)
+    init_fn = table_initializer(
+        input_dim, output_dim, embeddings_initializer, weights, param_dtype, padding_idx
+    )
     return {_table.EMBEDDINGS: init_fn(key, (input_dim, output_dim), param_dtype)}
 
 
@@ -142,6 +171,8 @@ def apply(
     dtype: DTypeLike | None = None,
     out_of_range: str = "error",
     lora_alpha: float | None = None,
+    use_rslora: bool = False,
+    padding_idx: int | None = None,
 ) -> jax.Array:
     """Looks up the embedding of every id, adding the LoRA delta when params hold an adapter.
 
@@ -161,6 +192,10 @@ def apply(
             the same error through `jax.experimental.checkify.checkify`, and NaN rows under
             plain `jax.jit`, `vmap`, `scan`... "fill": NaN rows. "clip": the nearest valid row.
         lora_alpha: LoRA scale numerator; None means the rank (read from A's shape).
+        use_rslora: scale by `lora_alpha / sqrt(rank)` (rank-stabilized LoRA, PEFT's
+            `use_rslora`) instead of `lora_alpha / rank`.
+        padding_idx: torch's padding row: looked up as stored, but the rows of the table (and
+            of LoRA's A) at this id receive no gradient. Unlike `mask_zero`, nothing is masked.
 
     Returns:
         Array of shape `ids.shape + (output_dim,)`.
@@ -181,11 +216,22 @@ def apply(
     table = _table.view(params)
     dtype = _checks.optional_floating_dtype("dtype", dtype) or table.dtype
     lora.check_alpha(lora_alpha)
+    _checks.boolean("use_rslora", use_rslora)
+    padding_idx = check_padding_idx(padding_idx, table.input_dim)
     indices = _out_of_range.prepare(ids, table.input_dim, out_of_range)
-    rows = table.gather(indices)
+    frozen = None if padding_idx is None else (indices.ids == padding_idx)[..., None]
+
+    def gathered(rows: jax.Array) -> jax.Array:
+        # The padding row reads as stored; its gradient is cut (a select on the cotangent).
+        return rows if frozen is None else jnp.where(frozen, jax.lax.stop_gradient(rows), rows)
+
+    rows = gathered(table.gather(indices))
     if table.adapter is not None:
+        adapter = table.adapter
+        a_rows = gathered(_table.take_rows(adapter.a, indices))
+        lora_scale = lora.scale(adapter.rank, lora_alpha, use_rslora)
         sharding = _table.out_sharding(table, indices)
-        rows = lora.add_to_rows(rows, table.adapter, indices, lora_alpha, sharding)
+        rows = lora.add_delta(rows, a_rows, adapter.b, lora_scale, sharding)
     return rows.astype(dtype)
 
 
@@ -217,6 +263,7 @@ def attend(
     dtype: DTypeLike | None = None,
     lora_alpha: float | None = None,
     logit_soft_cap: float | None = None,
+    use_rslora: bool = False,
 ) -> jax.Array:
     """Tied-weights logits: the inner product of each query vector with every embedding.
 
@@ -229,6 +276,7 @@ def attend(
         dtype: compute and output dtype; None promotes query and table (as flax's `attend`).
         lora_alpha: LoRA scale numerator; None means the rank.
         logit_soft_cap: `c * tanh(logits / c)` on the logits (Gemma 2); None: no capping.
+        use_rslora: as `apply`'s.
 
     Returns:
         `query @ embeddings.T`, shape `(..., input_dim)`.
@@ -247,6 +295,7 @@ def attend(
     _checks.last_dim("query", query, table.output_dim, "output_dim")
     dtype = _checks.optional_floating_dtype("dtype", dtype) or jnp.result_type(query, table.dtype)
     lora.check_alpha(lora_alpha)
+    _checks.boolean("use_rslora", use_rslora)
     if logit_soft_cap is not None:
         logit_soft_cap = _checks.positive_number("logit_soft_cap", logit_soft_cap)
     query = query.astype(dtype)
@@ -255,5 +304,7 @@ def attend(
         query = jax.sharding.reshard(query, shardings.query)
     logits = table.contract(query, shardings)
     if table.adapter is not None:
-        logits = lora.add_to_logits(logits, query, table.adapter, lora_alpha, shardings)
+        adapter = table.adapter
+        lora_scale = lora.scale(adapter.rank, lora_alpha, use_rslora)
+        logits = lora.add_to_logits(logits, query, adapter, lora_scale, shardings)
     return loss.soft_cap(logits, logit_soft_cap)

@@ -70,6 +70,11 @@ class Embedding(nn.Module):
             per block of 128 columns; any block size dividing `output_dim`): the table is
             drawn (or taken from `weights`), quantized as `jaxembed.quantize`, and kept in
             the "quantized" collection, frozen. Add `lora_rank` for QLoRA.
+        use_rslora: scale LoRA by `lora_alpha / sqrt(lora_rank)` (rank-stabilized LoRA, PEFT's
+            `use_rslora`) instead of `lora_alpha / lora_rank`.
+        padding_idx: torch's `nn.Embedding(padding_idx=)`: a drawn table has that row zeroed,
+            and the row receives no gradient through the lookup (it is not masked: see
+            `mask_zero` for that).
 
     The table is param "embeddings" with logical axes ("vocab", "embed"). A quantized table's
     arrays ("embeddings_int8" or "embeddings_int4", "embeddings_scale", "embeddings_zero")
@@ -90,6 +95,8 @@ class Embedding(nn.Module):
     dtype: DTypeLike | None = None
     param_dtype: DTypeLike = jnp.float32
     quantization: str | None = None
+    use_rslora: bool = False
+    padding_idx: int | None = None
 
     def __post_init__(self) -> None:
         config = _config.LayerConfig.of(self)  # fails here, at construction, as Keras does
@@ -166,6 +173,8 @@ class Embedding(nn.Module):
             dtype=self.dtype,
             out_of_range=self.out_of_range,
             lora_alpha=self.lora_alpha,
+            use_rslora=self.use_rslora,
+            padding_idx=self.padding_idx,
         )
 
     def compute_mask(self, ids: ArrayLike) -> jax.Array | None:
@@ -180,6 +189,7 @@ class Embedding(nn.Module):
             dtype=self.dtype,
             lora_alpha=self.lora_alpha,
             logit_soft_cap=logit_soft_cap,
+            use_rslora=self.use_rslora,
         )
 
     def attend_cross_entropy(
@@ -189,7 +199,13 @@ class Embedding(nn.Module):
         `jaxembed.attend_cross_entropy` (keywords `where`, `logit_soft_cap`, `reduction`, ...)
         with this layer's params, `lora_alpha` and `dtype`."""
         return loss.attend_cross_entropy(
-            self._params(), query, labels, lora_alpha=self.lora_alpha, dtype=self.dtype, **options
+            self._params(),
+            query,
+            labels,
+            lora_alpha=self.lora_alpha,
+            use_rslora=self.use_rslora,
+            dtype=self.dtype,
+            **options,
         )
 
 

@@ -21,6 +21,7 @@ Training only the adapter, with no gradient or optimizer state for the table:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -28,7 +29,6 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from jaxembed import _checks, _paths, _table, initializers
-from jaxembed._out_of_range import Indices
 from jaxembed._table import LORA_A, LORA_B, LORA_DTYPE, LORA_KEYS, Adapter, Params
 
 __all__ = [
@@ -59,10 +59,19 @@ def check_alpha(lora_alpha: Any) -> float | None:
     return None if lora_alpha is None else _checks.positive_number("lora_alpha", lora_alpha)
 
 
-def scale(rank: int, lora_alpha: float | None) -> float:
-    """`lora_alpha / rank`, with alpha defaulting to the rank (a scale of 1), as Keras."""
+def scale(rank: int, lora_alpha: float | None, use_rslora: bool = False) -> float:
+    """`lora_alpha / rank`, with alpha defaulting to the rank (a scale of 1), as Keras; with
+    `use_rslora`, rank-stabilized LoRA's `lora_alpha / sqrt(rank)` (PEFT's `use_rslora`).
+
+    Example:
+        >>> import jaxembed
+        >>> jaxembed.lora.scale(4, 8.0), jaxembed.lora.scale(4, 8.0, use_rslora=True)
+        (2.0, 4.0)
+    """
     lora_alpha = check_alpha(lora_alpha)
-    return 1.0 if lora_alpha is None else lora_alpha / rank
+    _checks.boolean("use_rslora", use_rslora)
+    alpha = rank if lora_alpha is None else lora_alpha
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
 def refuse_constraint(function: str) -> ValueError:
@@ -74,37 +83,27 @@ def refuse_constraint(function: str) -> ValueError:
 
 
 def add_delta(
-    rows: jax.Array, a_rows: jax.Array, b: jax.Array, lora_alpha: float | None, sharding: Any = None
+    rows: jax.Array, a_rows: jax.Array, b: jax.Array, lora_scale: float, sharding: Any = None
 ) -> jax.Array:
-    """`rows + (lora_alpha / rank) * a_rows @ B` in at least float32, for gathered rows of A."""
-    delta = jnp.einsum("...r,rd->...d", a_rows, b, out_sharding=sharding)
-    return rows.astype(delta.dtype) + scale(b.shape[0], lora_alpha) * delta
+    """`rows + lora_scale * a_rows @ B` in at least float32, for gathered rows of A (`scale`
+    gives `lora_scale`).
 
-
-def add_to_rows(
-    rows: jax.Array,
-    adapter: Adapter,
-    indices: Indices,
-    lora_alpha: float | None,
-    sharding: Any = None,
-) -> jax.Array:
-    """`rows + (lora_alpha / rank) * A[ids] @ B` in at least float32.
-
-    The rows of A are gathered first, so the `(input_dim, output_dim)` delta `A @ B` is never
+    Gathering the rows of A first means the `(input_dim, output_dim)` delta `A @ B` is never
     built: the step costs `O(len(ids) * rank * output_dim)` whatever the vocabulary.
     """
-    return add_delta(rows, _table.take_rows(adapter.a, indices), adapter.b, lora_alpha, sharding)
+    delta = jnp.einsum("...r,rd->...d", a_rows, b, out_sharding=sharding)
+    return rows.astype(delta.dtype) + lora_scale * delta
 
 
 def add_to_logits(
     logits: jax.Array,
     query: jax.Array,
     adapter: Adapter,
-    lora_alpha: float | None,
+    lora_scale: float,
     shardings: Any = None,
 ) -> jax.Array:
-    """`logits + (lora_alpha / rank) * (query @ B.T) @ A.T`: two thin matmuls instead of
-    building `E + scale * A @ B`. `shardings` from `_mesh.attend_shardings` (or None)."""
+    """`logits + lora_scale * (query @ B.T) @ A.T`: two thin matmuls instead of building
+    `E + scale * A @ B`. `shardings` from `_mesh.attend_shardings` (or None)."""
     a = adapter.a
     if shardings is not None:
         a = jax.sharding.reshard(a, shardings.lora_a)
@@ -115,7 +114,7 @@ def add_to_logits(
         adapter.b.astype(dtype),
         out_sharding=shardings and shardings.low_rank,
     )
-    return logits + scale(adapter.rank, lora_alpha) * jnp.einsum(
+    return logits + lora_scale * jnp.einsum(
         "...r,vr->...v", low_rank, a.astype(dtype), out_sharding=shardings and shardings.logits
     )
 
@@ -243,7 +242,7 @@ def _adapter(table: _table.Table, params: Params, function: str) -> Adapter:
     return table.adapter
 
 
-def dense_delta(adapter: Adapter, lora_alpha: float | None) -> jax.Array:
+def dense_delta(adapter: Adapter, lora_scale: float) -> jax.Array:
     """The full `(input_dim, output_dim)` float32 delta: built only when merging, never in a
     training or inference step."""
     # Merging happens once: full float32 precision, not TF32 / bf16 passes on GPU and TPU.
@@ -252,7 +251,7 @@ def dense_delta(adapter: Adapter, lora_alpha: float | None) -> jax.Array:
         adapter.b.astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
     )
-    return scale(adapter.rank, lora_alpha) * product
+    return lora_scale * product
 
 
 def merge_lora(
@@ -261,6 +260,7 @@ def merge_lora(
     lora_alpha: float | None = None,
     safe_merge: bool = False,
     requantize: bool = True,
+    use_rslora: bool = False,
 ) -> Params:
     """Folds the adapter into the table: `E + (lora_alpha / rank) * A @ B`, adapter removed.
 
@@ -277,6 +277,8 @@ def merge_lora(
             under jit.
         requantize: for a quantized table, False returns the float32 merged table instead
             (`{"embeddings": ...}`); no effect on float tables.
+        use_rslora: the scale is `lora_alpha / sqrt(rank)` (rank-stabilized LoRA), as in
+            training.
 
     Returns:
         The merged table, stored as the input's (or float32 with `requantize=False`), plus any
@@ -295,7 +297,8 @@ def merge_lora(
     adapter = _adapter(table, params, "merge_lora")
     _checks.boolean("safe_merge", safe_merge)
     _checks.boolean("requantize", requantize)
-    merged = table.dense().astype(jnp.float32) + dense_delta(adapter, lora_alpha)
+    lora_scale = scale(adapter.rank, lora_alpha, use_rslora)
+    merged = table.dense().astype(jnp.float32) + dense_delta(adapter, lora_scale)
     if safe_merge:
         # Checked in the stored dtype (a float16 table can overflow); a quantized table's
         # integers are always finite, so its float sum is checked.
@@ -316,7 +319,13 @@ def _check_finite_merge(merged: jax.Array) -> None:
         )
 
 
-def unmerge_lora(params: Params, adapter: Params, *, lora_alpha: float | None = None) -> Params:
+def unmerge_lora(
+    params: Params,
+    adapter: Params,
+    *,
+    lora_alpha: float | None = None,
+    use_rslora: bool = False,
+) -> Params:
     """Takes a merged adapter out again: `E - (lora_alpha / rank) * A @ B`, adapter re-attached.
 
     Exact up to float rounding of the merge (and of the table's dtype, if narrower than f32).
@@ -324,7 +333,7 @@ def unmerge_lora(params: Params, adapter: Params, *, lora_alpha: float | None = 
     Args:
         params: merged params, without an adapter.
         adapter: the {"lora_embeddings_a", "lora_embeddings_b"} that were merged.
-        lora_alpha: the alpha they were merged with.
+        lora_alpha, use_rslora: the scale they were merged with.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed
@@ -343,7 +352,8 @@ def unmerge_lora(params: Params, adapter: Params, *, lora_alpha: float | None = 
         )
     with_adapter = {**params, **adapter}
     table = _table.view(with_adapter)
-    delta = dense_delta(_adapter(table, with_adapter, "unmerge_lora"), lora_alpha)
+    adapter_ = _adapter(table, with_adapter, "unmerge_lora")
+    delta = dense_delta(adapter_, scale(adapter_.rank, lora_alpha, use_rslora))
     unmerged = _table.with_dense(params, table, table.dense().astype(jnp.float32) - delta)
     return {**unmerged, LORA_A: table.adapter.a, LORA_B: table.adapter.b}
 

@@ -149,6 +149,7 @@ def attend_cross_entropy(
     chunk_size: int | None = None,
     out_of_range: str = "error",
     dtype: DTypeLike | None = None,
+    use_rslora: bool = False,
 ) -> jax.Array:
     """Softmax cross-entropy of the tied logits `attend(params, query)`, never materialized.
 
@@ -173,6 +174,7 @@ def attend_cross_entropy(
             (per-position losses, 0 where masked).
         chunk_size: vocabulary rows per chunk; None picks about 8 MiB of logits per chunk.
         out_of_range: the policy for labels, as `apply`'s for ids.
+        use_rslora: as `attend`'s.
         dtype: dtype of the logits' inputs (query and table are cast to it before the
             float32 accumulation); None promotes query and table, as `attend`.
 
@@ -393,6 +395,7 @@ _OPTIONS = (
     "chunk_size",
     "out_of_range",
     "dtype",
+    "use_rslora",
 )
 """The keyword options of `attend_cross_entropy` (and of its vocab-parallel form)."""
 
@@ -416,6 +419,7 @@ def _setup(
     chunk_size: int | None,
     out_of_range: str,
     dtype: DTypeLike | None,
+    use_rslora: bool,
 ) -> _Setup:
     """The checks and preparation of `attend_cross_entropy`, in its order and words."""
     table = _table.view(params)
@@ -452,6 +456,7 @@ def _setup(
     if logit_soft_cap is not None:
         logit_soft_cap = _checks.positive_number("logit_soft_cap", logit_soft_cap)
     lora.check_alpha(lora_alpha)
+    _checks.boolean("use_rslora", use_rslora)
     dtype = _checks.optional_floating_dtype("dtype", dtype) or jnp.result_type(query, table.dtype)
     if chunk_size is not None:
         chunk_size = _checks.positive_int("chunk_size", chunk_size)
@@ -469,6 +474,6 @@ def _setup(
         smoothing=smoothing,
         z_loss=z_loss,
         logit_soft_cap=logit_soft_cap,
-        scale=0.0 if adapter is None else lora.scale(adapter.rank, lora_alpha),
+        scale=0.0 if adapter is None else lora.scale(adapter.rank, lora_alpha, use_rslora),
         chunk_size=chunk_size,
     )

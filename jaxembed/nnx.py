@@ -69,9 +69,10 @@ class Embedding(nnx.Module):
     Args:
         input_dim, output_dim, embeddings_initializer, embeddings_regularizer,
         embeddings_constraint, mask_zero, weights, lora_rank, lora_alpha, out_of_range, dtype,
-        param_dtype, quantization: as the linen `jaxembed.Embedding` (Keras's names and
-        defaults). A quantized table is held as `Quantized` variables named as its params
-        keys; `layer.quantize(mode)` quantizes a float layer in place, as Keras's.
+        param_dtype, quantization, use_rslora, padding_idx: as the linen `jaxembed.Embedding`
+        (Keras's names and defaults). A quantized table is held as `Quantized` variables
+        named as its params keys; `layer.quantize(mode)` quantizes a float layer in place, as
+        Keras's.
         rngs: `nnx.Rngs`; the "params" stream draws the table and the adapter.
 
     Example:
@@ -98,6 +99,8 @@ class Embedding(nnx.Module):
         dtype: DTypeLike | None = None,
         param_dtype: DTypeLike = jnp.float32,
         quantization: str | None = None,
+        use_rslora: bool = False,
+        padding_idx: int | None = None,
         rngs: nnx.Rngs,
     ) -> None:
         config = _config.LayerConfig(**_config.select(locals()))
@@ -166,6 +169,8 @@ class Embedding(nnx.Module):
             dtype=self.config.dtype,
             out_of_range=self.config.out_of_range,
             lora_alpha=self.lora_alpha,
+            use_rslora=self.config.use_rslora,
+            padding_idx=self.config.padding_idx,
         )
         if hasattr(self, "__captures__") and self.lora_rank is None and self.quantization is None:
             # Under `nnx.capture` (jaxembed.sparse.nnx_value_and_grad): record the ids and
@@ -198,6 +203,7 @@ class Embedding(nnx.Module):
             dtype=self.config.dtype,
             lora_alpha=self.lora_alpha,
             logit_soft_cap=logit_soft_cap,
+            use_rslora=self.config.use_rslora,
         )
 
     def attend_cross_entropy(
@@ -212,6 +218,7 @@ class Embedding(nnx.Module):
             query,
             labels,
             lora_alpha=self.lora_alpha,
+            use_rslora=self.config.use_rslora,
             dtype=self.config.dtype,
             **options,
         )
@@ -276,6 +283,7 @@ class Embedding(nnx.Module):
             lora_alpha=self.lora_alpha,
             safe_merge=safe_merge,
             requantize=requantize,
+            use_rslora=self.config.use_rslora,
         )
         if self.quantization is None:
             self.embeddings[...] = merged[_table.EMBEDDINGS]  # the same variable, updated

@@ -98,6 +98,7 @@ def vocab_parallel_apply(
     dtype: DTypeLike | None = None,
     out_of_range: str = "error",
     lora_alpha: float | None = None,
+    use_rslora: bool = False,
 ) -> jax.Array:
     """`jaxembed.apply` as an explicit vocab-parallel `jax.shard_map`.
 
@@ -113,7 +114,8 @@ def vocab_parallel_apply(
         mesh: the device mesh (Auto or Explicit axes); None takes the mesh in the params' or
             ids' types, else the one set with `jax.set_mesh`.
         batch_axes: mesh axis (or axes) that split the ids' first dimension, or None.
-        dtype, out_of_range, lora_alpha: as `jaxembed.apply`; "fill" gives NaN rows here too.
+        dtype, out_of_range, lora_alpha, use_rslora: as `jaxembed.apply`; "fill" gives NaN
+            rows here too.
 
     Returns:
         `ids.shape + (output_dim,)`, first dimension split over `batch_axes`.
@@ -136,6 +138,9 @@ def vocab_parallel_apply(
         )
     dtype = _checks.optional_floating_dtype("dtype", dtype) or table.dtype
     lora.check_alpha(lora_alpha)
+    _checks.boolean("use_rslora", use_rslora)
+    adapter = table.adapter
+    lora_scale = None if adapter is None else lora.scale(adapter.rank, lora_alpha, use_rslora)
     input_dim = table.input_dim
     mesh = mesh or _mesh.explicit_mesh(table.leading, ids) or _context_mesh()
     _vocab_axis_size(mesh, vocab_axis, input_dim)
@@ -156,7 +161,7 @@ def vocab_parallel_apply(
             a_shard, b = adapter_shards
             # The psum carries A's rank-r rows; the delta is formed after it, as in `apply`.
             a_rows = owned_rows(shard_rows, global_ids, lambda at: _table.take_rows(a_shard, at))
-            rows = lora.add_delta(rows, a_rows, b, lora_alpha)
+            rows = lora.add_delta(rows, a_rows, b, lora_scale)
         if indices.fill:
             valid = _out_of_range.Indices(global_ids, fill=True).valid(input_dim)
             rows = jnp.where(valid[..., None], rows, jnp.nan)
@@ -355,6 +360,7 @@ def vocab_parallel_attend_cross_entropy(
     chunk_size: int | None = None,
     out_of_range: str = "error",
     dtype: DTypeLike | None = None,
+    use_rslora: bool = False,
 ) -> jax.Array:
     """`jaxembed.attend_cross_entropy` on a vocab-sharded table, as a `jax.shard_map` that
     moves only per-token statistics between devices.
@@ -381,9 +387,10 @@ def vocab_parallel_attend_cross_entropy(
         mesh: the device mesh (Auto or Explicit axes); None takes the mesh in the params' or
             query's types, else the one set with `jax.set_mesh`.
         batch_axes: mesh axis (or axes) that split the query's first dimension, or None.
-        where, lora_alpha, logit_soft_cap, label_smoothing, z_loss, reduction, chunk_size,
-        out_of_range, dtype: as `jaxembed.attend_cross_entropy` (`chunk_size` counts rows of
-            one shard; None picks about 8 MiB of logits per chunk on each device).
+        where, lora_alpha, use_rslora, logit_soft_cap, label_smoothing, z_loss, reduction,
+        chunk_size, out_of_range, dtype: as `jaxembed.attend_cross_entropy` (`chunk_size`
+            counts rows of one shard; None picks about 8 MiB of logits per chunk on each
+            device).
 
     Returns:
         A float32 scalar, or `query.shape[:-1]` losses with reduction="none".
