@@ -2,7 +2,8 @@
 
 The public API, re-exported; everything is defined in the modules named beside each group.
 Every submodule is an attribute of the package; `jaxembed.nnx` is imported on first access,
-because importing `flax.nnx` adds over 10% (about 0.1 s) to `import jaxembed`.
+because importing `flax.nnx` adds over 10% (about 0.1 s) to `import jaxembed`, and so is
+`jaxembed.interop` (its optional dependencies are imported where they are used).
 """
 
 import importlib as _importlib
@@ -32,7 +33,7 @@ from jaxembed.quantization import dequantize, quantize
 from jaxembed.regularizers import regularization_penalty
 
 if _typing.TYPE_CHECKING:
-    from jaxembed import nnx
+    from jaxembed import interop, nnx
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "functional",
     "init",
     "initializers",
+    "interop",
     "keep_embeddings_constrained",
     "linen",
     "lora",
@@ -66,7 +68,7 @@ __all__ = [
     "sparse",
 ]
 
-_LAZY_SUBMODULES = ("nnx",)
+_LAZY_SUBMODULES = ("interop", "nnx")
 
 
 def __getattr__(name: str) -> _types.ModuleType:

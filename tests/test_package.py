@@ -43,6 +43,17 @@ def test_every_submodule_is_an_attribute_after_import_jaxembed():
     assert result.returncode == 0, result.stderr
 
 
+def test_interop_needs_no_optional_dependency_to_import():
+    result = run_python(
+        "import sys, jaxembed\n"
+        "import jaxembed.interop.keras, jaxembed.interop.peft, jaxembed.interop.torch\n"
+        "assert jaxembed.interop is sys.modules['jaxembed.interop']\n"
+        "loaded = [m for m in ('h5py', 'safetensors', 'keras', 'torch') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_all_and_dir_are_truthful():
     result = run_python(
         "import jaxembed\n"
