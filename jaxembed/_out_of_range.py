@@ -151,3 +151,12 @@ def prepare(ids: Any, input_dim: int, out_of_range: str) -> Indices:
         # A widening cast keeps every value, so the gather's bounds check sees the bad ones.
         return Indices(ids.astype(dtype), fill=True)
     return Indices(jnp.where(_device_valid(ids, input_dim), ids.astype(dtype), -1), fill=True)
+
+
+def update_ids(ids: Any, input_dim: int, policy_name: str, padding_idx: int | None) -> jax.Array:
+    """The ids a row-wise update of a lookup's rows writes: clamped as the lookup clamped them
+    under "clip" (the gradient flowed to the clamped row), out-of-range ones kept out of range
+    (the update drops them), and `padding_idx` made out of range too (-1): torch's padding
+    row receives no gradient, so no update either."""
+    ids = prepare(ids, input_dim, "clip" if policy_name == "clip" else "fill").ids
+    return ids if padding_idx is None else jnp.where(ids == padding_idx, -1, ids)

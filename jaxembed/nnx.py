@@ -28,7 +28,6 @@ from flax.core import meta
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxembed import (
-    _checks,
     _config,
     _out_of_range,
     _paths,
@@ -175,9 +174,11 @@ class Embedding(nnx.Module):
         if hasattr(self, "__captures__") and self.lora_rank is None and self.quantization is None:
             # Under `nnx.capture` (jaxembed.sparse.nnx_value_and_grad): record the ids and
             # perturb the rows, so the step gets the gradient of the rows, not the table's.
-            if self.config.out_of_range == "clip":  # the gradient flows to the clamped row
-                ids = _out_of_range.prepare(ids, self.config.input_dim, "clip").ids
-            self.sow(RowIds, "ids", jnp.asarray(_checks.integer_ids(ids)))
+            config = self.config
+            ids = _out_of_range.update_ids(
+                ids, config.input_dim, config.out_of_range, config.padding_idx
+            )
+            self.sow(RowIds, "ids", ids)
             rows = self.perturb("rows", rows, variable_type=RowGradient)
         return rows
 

@@ -557,11 +557,11 @@ def linen_value_and_grad(
                 if path is None or context.method_name != "__call__":
                     return rows
                 module = context.module
-                ids = _checks.integer_ids(call_args[0])
-                if module.out_of_range == "clip":  # the gradient flows to the clamped row
-                    ids = _out_of_range.prepare(ids, module.input_dim, "clip").ids
+                ids = _out_of_range.update_ids(
+                    call_args[0], module.input_dim, module.out_of_range, module.padding_idx
+                )
                 perturbation = perturbations[path][len(seen[path])]
-                seen[path].append(jnp.asarray(ids))
+                seen[path].append(ids)
                 return rows + perturbation
 
             result = run(perturb, rest)

@@ -156,3 +156,44 @@ class TestPaddingIdx:
             jaxembed.apply(lora_params(), IDS, padding_idx=bad)
         with pytest.raises(ValueError, match="padding_idx"):
             jaxembed.Embedding(V, D, padding_idx=bad)
+
+
+class TestPaddingIdxRowSparse:
+    """Row-sparse training (`jaxembed.sparse`) leaves the padding row alone too: its ids are
+    recorded out of range, and the row-wise update drops them."""
+
+    IDS = np.array([[0, 3, 0, 5], [2, 0, 7, 7]], np.int32)  # 0 is the padding id
+
+    def test_linen(self):
+        module = jaxembed.Embedding(V, D, padding_idx=0, embeddings_initializer="normal")
+        params = nn.unbox(module.init(jax.random.key(0), self.IDS))["params"]
+        tables, rest = jaxembed.sparse.split_tables(params)
+
+        def loss(params, ids):  # `+ rows`: a nonzero gradient even at the zeroed padding row
+            rows = module.apply({"params": params}, ids)
+            return jnp.sum(rows**2 + rows)
+
+        _, _, rows = jaxembed.sparse.linen_value_and_grad(loss)(tables, rest, self.IDS)
+        optimizer = jaxembed.sparse.sgd(0.5)
+        states = jaxembed.sparse.init_tables(optimizer, tables)
+        new, _ = jaxembed.sparse.update_tables(optimizer, tables, states, rows)
+        dense = jax.grad(loss)(params, self.IDS)["embeddings"]
+        np.testing.assert_array_equal(dense[0], 0.0)
+        expected = params["embeddings"] - 0.5 * dense
+        chex.assert_trees_all_close(new["embeddings"], expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(new["embeddings"][0], params["embeddings"][0])
+
+    def test_nnx(self):
+        layer = jaxembed.nnx.Embedding(V, D, padding_idx=0, rngs=nnx.Rngs(0))
+        before = layer.embeddings[...]
+
+        def loss(layer, ids):
+            rows = layer(ids)
+            return jnp.sum(rows**2 + rows)
+
+        optimizer = jaxembed.sparse.sgd(0.5)
+        states = jaxembed.sparse.nnx_init_tables(optimizer, layer)
+        _, _, rows = jaxembed.sparse.nnx_value_and_grad(loss)(layer, self.IDS)
+        jaxembed.sparse.nnx_update_tables(optimizer, layer, states, rows)
+        np.testing.assert_array_equal(layer.embeddings[...][0], before[0])
+        assert not np.array_equal(layer.embeddings[...][5], before[5])
