@@ -22,6 +22,7 @@ from jaxembed import (
     regularizers,
     sharding,
     sparse,
+    vocabulary,
 )
 from jaxembed.constraints import apply_constraint
 from jaxembed.functional import apply, attend, check_in_range, compute_mask, init
@@ -31,6 +32,7 @@ from jaxembed.loss import attend_cross_entropy
 from jaxembed.optim import freeze_lora_base, keep_embeddings_constrained
 from jaxembed.quantization import dequantize, quantize
 from jaxembed.regularizers import regularization_penalty
+from jaxembed.vocabulary import resize
 
 if _typing.TYPE_CHECKING:
     from jaxembed import interop, nnx
@@ -64,8 +66,10 @@ __all__ = [
     "quantize",
     "regularization_penalty",
     "regularizers",
+    "resize",
     "sharding",
     "sparse",
+    "vocabulary",
 ]
 
 _LAZY_SUBMODULES = ("interop", "nnx")

@@ -30,6 +30,7 @@ from jaxembed import (
     loss,
     quantization,
     regularizers,
+    vocabulary,
 )
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "Embedding",
     "losses",
     "quantize_variables",
+    "resize_variables",
 ]
 
 QUANTIZED = "quantized"
@@ -267,6 +269,58 @@ def quantize_variables(
         )
     existing = variables.get(QUANTIZED, {})
     return {**variables, "params": params, QUANTIZED: {**existing, **quantized}}
+
+
+def resize_variables(
+    variables: Mapping[str, Any],
+    new_input_dim: int,
+    *,
+    key: jax.Array | None = None,
+    init: Any = "mean",
+    pad_to_multiple_of: int | None = None,
+    shrink: bool = False,
+) -> dict[str, Any]:
+    """The variables of one `jaxembed.Embedding` with its vocabulary resized (`jaxembed.resize`:
+    the table or quantized arrays, and LoRA's A); apply them with
+    `module.clone(input_dim=<the new size>)`. Logically partitioned arrays stay partitioned.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxembed
+        >>> module = jaxembed.Embedding(100, 8, lora_rank=2)
+        >>> variables = module.init(jax.random.key(0), jnp.arange(3))
+        >>> grown = jaxembed.linen.resize_variables(variables, 128)
+        >>> module.clone(input_dim=128).apply(grown, jnp.array([127])).shape
+        (1, 8)
+    """
+    variables = flax.core.unfreeze(variables)
+    collections = ("params", QUANTIZED)
+    boxes = {
+        (collection, name): value
+        for collection in collections
+        for name, value in variables.get(collection, {}).items()
+    }
+    plain = {name: nn.unbox(value) for (_, name), value in boxes.items()}
+    resized = vocabulary.resize(
+        plain,
+        new_input_dim,
+        key=key,
+        init=init,
+        pad_to_multiple_of=pad_to_multiple_of,
+        shrink=shrink,
+    )
+    out = {**variables}
+    for collection in collections:
+        if collection not in variables:
+            continue
+        out[collection] = {
+            name: (
+                value.replace_boxed(resized[name])
+                if isinstance(value, nn.meta.AxisMetadata)
+                else resized[name]
+            )
+            for name, value in variables[collection].items()
+        }
+    return out
 
 
 def losses(variables: Any) -> jax.Array:

@@ -40,6 +40,7 @@ from jaxembed import (
     loss,
     quantization,
     regularizers,
+    vocabulary,
 )
 
 __all__ = [
@@ -152,6 +153,33 @@ class Embedding(nnx.Module):
             else:
                 axes = _config.quantized_axes(key, value.ndim)
                 setattr(self, key, _variable(Quantized, value, axes))
+
+    def resize(
+        self,
+        new_input_dim: int,
+        *,
+        init: Any = "mean",
+        pad_to_multiple_of: int | None = None,
+        shrink: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
+        """Grows or shrinks the vocabulary in place (table, quantized arrays and LoRA's A);
+        see `jaxembed.resize`. `rngs` draws new rows for `init="covariance"` or an
+        initializer."""
+        key = None if rngs is None else rngs.params()
+        params = vocabulary.resize(
+            self.params(),
+            new_input_dim,
+            key=key,
+            init=init,
+            pad_to_multiple_of=pad_to_multiple_of,
+            shrink=shrink,
+        )
+        size = _table.view(params).input_dim
+        self.config = dataclasses.replace(self.config, input_dim=size)
+        self._set_table(_table.without_adapter(params))
+        if self.lora_rank is not None:
+            self._set_adapter(params, None)
 
     def quantize(self, mode: str, *, block_size: int | None = None) -> None:
         """Quantizes the float table in place (as Keras's `layer.quantize(mode)`); see
