@@ -63,10 +63,6 @@ class Format:
             low = -high
         return low, high
 
-    def stored_columns(self, output_dim: int) -> int:
-        """Columns of the values array for a table of `output_dim` columns."""
-        return output_dim // 2 if self.packed else output_dim
-
 
 class Quantized(NamedTuple):
     """A quantized matrix: int8 `values` (packed for int4), float32 `scale`, int8 `zero` (None
@@ -165,14 +161,3 @@ def dequantize(
     blocks = q.reshape(*q.shape[:-1], q.shape[-1] // fmt.block_size, fmt.block_size)
     zero = zero.astype(jnp.float32)[..., None]
     return ((blocks - zero) * scale.astype(jnp.float32)[..., None]).reshape(q.shape)
-
-
-def step_bound(matrix: jax.Array, fmt: Format) -> jax.Array:
-    """Half a quantization step per element, `(..., D)`: the most `dequantize(quantize(x))`
-    may differ from `x` (before float rounding), for tests and documentation."""
-    quantized = quantize(matrix, fmt)
-    if fmt.grouped:
-        step = jnp.repeat(quantized.scale, fmt.block_size, axis=-1)
-    else:
-        step = jnp.broadcast_to(1.0 / quantized.scale[..., None], matrix.shape)
-    return 0.5 * step

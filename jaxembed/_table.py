@@ -178,10 +178,13 @@ class QuantizedTable(TableKind):
 
     def format(self, arrays: Mapping[str, Any]) -> _quantized.Format:
         """The format, with the block size read from the shapes (groups divide the columns)."""
-        values, scale = arrays[self.keys[0]], arrays[SCALE]
-        output_dim = values.shape[1] * (2 if self.mode == "int4" else 1)
-        block = output_dim // scale.shape[1] if self.grouped else None
+        output_dim = self._output_dim(arrays[self.keys[0]])
+        block = output_dim // arrays[SCALE].shape[1] if self.grouped else None
         return _quantized.Format(self.mode, block)
+
+    def _output_dim(self, values: Any) -> int:
+        """Columns of the table stored in `values` (int4 packs two per byte)."""
+        return values.shape[1] * (2 if self.mode == "int4" else 1)
 
     def shape(self, arrays: Mapping[str, Any]) -> tuple[int, int]:
         values_key = self.keys[0]
@@ -191,8 +194,7 @@ class QuantizedTable(TableKind):
                 f"params[{values_key!r}] must be a 2-D int8 array (as jaxembed.quantize "
                 f"returns). Received: {_array_summary(values)}."
             )
-        input_dim, stored = values.shape
-        output_dim = 2 * stored if self.mode == "int4" else stored
+        input_dim, output_dim = values.shape[0], self._output_dim(values)
         groups = f"(input_dim, groups) = ({input_dim}, groups)"
         expected = groups if self.grouped else f"(input_dim,) = ({input_dim},)"
         scale_shape = tuple(getattr(scale, "shape", ()))

@@ -352,8 +352,8 @@ def unmerge_lora(
         )
     with_adapter = {**params, **adapter}
     table = _table.view(with_adapter)
-    adapter_ = _adapter(table, with_adapter, "unmerge_lora")
-    delta = dense_delta(adapter_, scale(adapter_.rank, lora_alpha, use_rslora))
+    merged = _adapter(table, with_adapter, "unmerge_lora")
+    delta = dense_delta(merged, scale(merged.rank, lora_alpha, use_rslora))
     unmerged = _table.with_dense(params, table, table.dense().astype(jnp.float32) - delta)
     return {**unmerged, LORA_A: table.adapter.a, LORA_B: table.adapter.b}
 

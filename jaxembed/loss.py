@@ -81,12 +81,16 @@ class _FrozenRows(NamedTuple):
         return self.kind.dense(sliced).astype(self.dtype)
 
 
+def frozen_rows(table: _table.Table, dtype: Any) -> _FrozenRows | None:
+    """How the walk reads a frozen table's own arrays; None for a table it differentiates."""
+    return _FrozenRows(table.kind, np.dtype(dtype)) if table.kind.frozen else None
+
+
 def walk_input(table: _table.Table, dtype: Any) -> tuple[Any, _FrozenRows | None]:
     """What the walk reads the table from: a float matrix in `dtype` (differentiable), or a
     frozen table's own arrays with the `_FrozenRows` that reads them."""
-    if table.kind.frozen:
-        return table.arrays, _FrozenRows(table.kind, np.dtype(dtype))
-    return table.dense().astype(dtype), None
+    frozen = frozen_rows(table, dtype)
+    return (table.arrays if frozen else table.dense().astype(dtype)), frozen
 
 
 def _read_chunk(q, low_rank, table, a, start, first, chunk, scale, frozen=None) -> _Chunk:

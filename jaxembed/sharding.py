@@ -428,7 +428,7 @@ def vocab_parallel_attend_cross_entropy(
     shard_rows = input_dim // shards
     kind = table.kind
     chunk = setup.chunk(tokens // batch_size, shard_rows)
-    frozen = loss.walk_input(table, setup.dtype)[1] if kind.frozen else None
+    frozen = loss.frozen_rows(table, setup.dtype)
     static = (chunk, setup.logit_soft_cap, setup.scale, frozen)
 
     def local_losses(table_shards, adapter_shards, shard_query, shard_labels):

@@ -387,11 +387,10 @@ class TestRoundTrip:
 
     @pytest.mark.parametrize(("mode", "block_size"), [("int4", 4), ("int8", 4), ("int4", 128)])
     def test_grouped_one_signed_blocks_within_half_a_step(self, mode, block_size):
-        """quantization.py documents `|error| <= 0.5 * scale` for grouped formats, as
-        `_quantized.step_bound` does. Blocks whose values are all positive or all negative
-        (a constant row, a negative-only row) break it: the zero point is clipped to the end
-        of the code range and the codes clip with it (Keras 3.15's formula; upstream Keras
-        fixed it by widening each group's range to include 0)."""
+        """quantization.py documents `|error| <= 0.5 * scale` for grouped formats. Blocks whose
+        values are all positive or all negative (a constant row, a negative-only row) keep it
+        because each block's range includes 0; Keras 3.15's formula clipped their zero point
+        and codes (README, difference 17)."""
         rows = np.array(
             [[1.0, 1.5, 1.25, 1.1], [-2.0, -1.0, -1.5, -1.2], [1.5, 1.5, 1.5, 1.5]], np.float32
         )

@@ -68,7 +68,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxembed import _table, constraints, initializers, lora, regularizers
+from jaxembed import _quantized, _table, constraints, initializers, lora, regularizers
 from jaxembed import quantization as _quantization
 from jaxembed._table import Params
 
@@ -911,14 +911,6 @@ def _find(source: _Source, layer_name: str) -> _Layer:
     return layer
 
 
-def _nibbles(values: np.ndarray) -> np.ndarray:
-    """Keras's packed int4 bytes -> `(V, 2n)` signed values (even columns in the low nibble)."""
-    wide = values.astype(np.int16)
-    low = ((wide & 0xF) ^ 8) - 8
-    high = wide >> 4
-    return np.stack([low, high], axis=-1).reshape(values.shape[0], -1)
-
-
 def _fits(values: np.ndarray, qmax: int) -> bool:
     """Whether every nonzero row reaches +-qmax and no value is below -qmax: what Keras's
     symmetric abs-max per-row quantization stores."""
@@ -954,7 +946,10 @@ def _per_row_mode(
         return hint.partition("/")[0]
     candidates = [
         mode
-        for mode, fits in (("int8", _fits(values, 127)), ("int4", _fits(_nibbles(values), 7)))
+        for mode, fits in (
+            ("int8", _fits(values, 127)),
+            ("int4", _fits(np.asarray(_quantized.unpack_int4(values)), 7)),
+        )
         if fits
     ]
     if len(candidates) != 1:
