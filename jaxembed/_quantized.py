@@ -55,6 +55,11 @@ class Format:
         return self.block_size is not None
 
     @property
+    def name(self) -> str:
+        """ "int8", "int4" or "int4/128": Keras's dtype-policy spelling."""
+        return self.mode if self.block_size is None else f"{self.mode}/{self.block_size}"
+
+    @property
     def value_range(self) -> tuple[int, int]:
         """Keras's ranges: symmetric [-127, 127] for int8 per row, [-8, 7] for int4 (and the
         full signed range for any grouped format)."""

@@ -49,6 +49,7 @@ __all__ = [
     "parse_format",
     "quantization_format",
     "quantize",
+    "split_format",
 ]
 
 MODES = _quantized.MODES
@@ -83,6 +84,18 @@ def parse_format(quantization: Any, output_dim: int) -> _quantized.Format | None
     """
     if quantization is None:
         return None
+    return _format(*split_format(quantization), output_dim)
+
+
+def split_format(quantization: Any) -> tuple[str, int | None]:
+    """("int4", 128) from "int4/128", ("int8", None) from "int8"; a ValueError naming
+    `quantization` for anything else. Block sizes are checked against a table by `_format`.
+
+    Example:
+        >>> import jaxembed
+        >>> jaxembed.quantization.split_format("int4/128")
+        ('int4', 128)
+    """
     mode, slash, block = (
         quantization.partition("/") if isinstance(quantization, str) else ("", "", "")
     )
@@ -91,7 +104,7 @@ def parse_format(quantization: Any, output_dim: int) -> _quantized.Format | None
             '`quantization` must be None, "int8", "int4", or a mode with a block size such as '
             f'"int4/128". Received: quantization={quantization!r}.'
         )
-    return _format(mode, int(block) if block else None, output_dim)
+    return mode, int(block) if block else None
 
 
 def quantize(params: Params, mode: str, *, block_size: int | None = None) -> Params:
@@ -189,4 +202,4 @@ def quantization_format(params: Params) -> str | None:
     if not isinstance(table.kind, _table.QuantizedTable):
         return None
     fmt = table.kind.format(table.arrays)
-    return fmt.mode if fmt.block_size is None else f"{fmt.mode}/{fmt.block_size}"
+    return fmt.name

@@ -68,7 +68,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxembed import _quantized, _table, constraints, initializers, lora, regularizers
+from jaxembed import _checks, _quantized, _table, constraints, initializers, lora, regularizers
 from jaxembed import quantization as _quantization
 from jaxembed._table import Params
 
@@ -117,18 +117,12 @@ def _summary(array: Any) -> str:
     return f"shape {tuple(array.shape)}, dtype {array.dtype}"
 
 
-def _format_string(params: Mapping[str, Any]) -> str | None:
-    """ "int8", "int4", "int4/128" or None (float), of validated params."""
-    return _quantization.quantization_format(params)
-
-
 def _keras_alpha(rank: int, lora_alpha: float | None, use_rslora: bool) -> float:
     """The `lora_alpha` Keras must hold so that its scale `lora_alpha / rank` is jaxembed's
     (`lora_alpha / rank`, or `/ sqrt(rank)` with `use_rslora`; alpha defaults to the rank)."""
     lora.check_alpha(lora_alpha)
     alpha = float(rank if lora_alpha is None else lora_alpha)
-    if not isinstance(use_rslora, bool):
-        raise ValueError(f"`use_rslora` must be a bool. Received: use_rslora={use_rslora!r}.")
+    _checks.boolean("use_rslora", use_rslora)
     return alpha * math.sqrt(rank) if use_rslora else alpha
 
 
@@ -506,7 +500,7 @@ def assign_to_keras(
             f"params hold a ({table.input_dim}, {table.output_dim}) table; Keras layer "
             f"{layer.name!r} is (input_dim, output_dim) = {expected}."
         )
-    fmt, layer_fmt = _format_string(params), _keras_format(layer)
+    fmt, layer_fmt = _quantization.quantization_format(params), _keras_format(layer)
     if fmt != layer_fmt:
         raise ValueError(
             f"params hold a {fmt or 'float'} table; Keras layer {layer.name!r} holds a "
@@ -654,7 +648,7 @@ def to_keras(
             "to_keras takes the table from params; `weights` must be None. Received: weights="
             f"an array of shape {tuple(np.shape(weights))}."
         )
-    fmt = _format_string(params)
+    fmt = _quantization.quantization_format(params)
     if quantization is not None:
         wanted = _format_of(quantization, table.output_dim)
         if wanted != fmt:
@@ -721,9 +715,7 @@ def to_keras(
 def _format_of(quantization: str, output_dim: int) -> str | None:
     """The format string of a modules' `quantization` argument, checked ("int4/128" etc.)."""
     fmt = _quantization.parse_format(quantization, output_dim)
-    if fmt is None:
-        return None
-    return fmt.mode if fmt.block_size is None else f"{fmt.mode}/{fmt.block_size}"
+    return None if fmt is None else fmt.name
 
 
 # --------------------------------------------------------------------------------------------
@@ -1082,7 +1074,7 @@ def read_keras_weights(
         where = f"layer {layer.name!r} in {source.where}"
     params = {key: jnp.asarray(value) for key, value in params.items()}
     _table.view(params)
-    fmt = _format_string(params)
+    fmt = _quantization.quantization_format(params)
     if hint is not None and hint != fmt and not (fmt and hint == fmt.partition("/")[0]):
         raise ValueError(
             f"{where} holds a {fmt or 'float'} table; quantization={quantization!r} was asked."
@@ -1091,12 +1083,11 @@ def read_keras_weights(
 
 
 def _checked_hint(hint: Any) -> str:
-    mode, slash, block = hint.partition("/") if isinstance(hint, str) else ("", "", "")
-    if mode not in ("int8", "int4") or (slash and not (block.isdigit() and int(block) > 0)):
-        raise ValueError(
-            '`quantization` must be None, "int8", "int4" or "int4/<block size>". Received: '
-            f"quantization={hint!r}."
-        )
+    """The `quantization=` hint, checked as the modules' argument is (a block size must be
+    positive; it is matched against the file's shapes when read)."""
+    _, block = _quantization.split_format(hint)
+    if block is not None:
+        _checks.positive_int("block_size", block)
     return hint
 
 
@@ -1107,7 +1098,7 @@ def _arrays_to_write(params: Params, lora_alpha: float | None, use_rslora: bool)
         alpha = _keras_alpha(table.adapter.rank, lora_alpha, use_rslora)
         params = lora.merge_lora(params, lora_alpha=alpha)
         table = _table.view(params)
-    fmt = _format_string(params)
+    fmt = _quantization.quantization_format(params)
     arrays = [np.asarray(params[key]) for key in table.kind.keys]
     if fmt is not None and "/" in fmt:
         block = int(fmt.partition("/")[2])
