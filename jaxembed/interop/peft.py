@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxembed import _checks, _table
+from jaxembed import _checks, _table, lora
 from jaxembed._table import LORA_A, LORA_B, LORA_DTYPE, LORA_KEYS, Params
 from jaxembed.interop.torch import (
     SAFETENSORS_METADATA,
@@ -519,13 +519,8 @@ def to_peft(
     module = _check_module(module)
     if lora_alpha is None:
         lora_alpha = rank
-    elif isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
-        raise ValueError(
-            f"`lora_alpha` must be None or a positive number. Received: "
-            f"{_checks.describe(lora_alpha)}."
-        )
     else:
-        _checks.positive_number("lora_alpha", lora_alpha)
+        lora.check_alpha(lora_alpha)
         integral = isinstance(lora_alpha, numbers.Integral)
         lora_alpha = int(lora_alpha) if integral else float(lora_alpha)  # JSON-able
     use_rslora = _checks.boolean("use_rslora", use_rslora)
