@@ -294,12 +294,11 @@ def resize_variables(
     """
     variables = flax.core.unfreeze(variables)
     collections = ("params", QUANTIZED)
-    boxes = {
-        (collection, name): value
+    plain = {
+        name: nn.unbox(value)
         for collection in collections
         for name, value in variables.get(collection, {}).items()
     }
-    plain = {name: nn.unbox(value) for (_, name), value in boxes.items()}
     resized = vocabulary.resize(
         plain,
         new_input_dim,
