@@ -22,6 +22,7 @@ from jaxembed import (
     regularizers,
     sharding,
     sparse,
+    trainable_tokens,
     vocabulary,
 )
 from jaxembed.constraints import apply_constraint
@@ -32,6 +33,7 @@ from jaxembed.loss import attend_cross_entropy
 from jaxembed.optim import freeze_lora_base, keep_embeddings_constrained
 from jaxembed.quantization import dequantize, quantize
 from jaxembed.regularizers import regularization_penalty
+from jaxembed.trainable_tokens import enable_trainable_tokens, merge_trainable_tokens
 from jaxembed.vocabulary import resize
 
 if _typing.TYPE_CHECKING:
@@ -50,6 +52,7 @@ __all__ = [
     "constraints",
     "dequantize",
     "enable_lora",
+    "enable_trainable_tokens",
     "freeze_lora_base",
     "functional",
     "init",
@@ -60,6 +63,7 @@ __all__ = [
     "lora",
     "loss",
     "merge_lora",
+    "merge_trainable_tokens",
     "nnx",
     "optim",
     "quantization",
@@ -69,6 +73,7 @@ __all__ = [
     "resize",
     "sharding",
     "sparse",
+    "trainable_tokens",
     "vocabulary",
 ]
 

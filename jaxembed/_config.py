@@ -8,7 +8,7 @@ checkers see real signatures; tests/test_config.py keeps the three lists identic
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ from jaxembed import (
     lora,
     quantization,
     regularizers,
+    trainable_tokens,
 )
 
 VOCAB_AXIS = "vocab"
@@ -32,6 +33,13 @@ TABLE_AXES = (VOCAB_AXIS, EMBED_AXIS)
 """Logical partitioning axes of the table; map them to mesh axes with logical axis rules."""
 LORA_AXES = {_table.LORA_A: (VOCAB_AXIS, None), _table.LORA_B: (None, EMBED_AXIS)}
 """Logical axes of the adapter: A's rows follow the table's rows, B's columns its columns."""
+TOKEN_DELTA_AXES = (None, EMBED_AXIS)
+"""Logical axes of trainable tokens' delta `(K, output_dim)`: its columns follow the table's."""
+
+
+def lora_axes(name: str, stacked: bool) -> tuple[str | None, ...]:
+    """Logical axes of LoRA's A or B; stacked adapters' leading adapter axis is not split."""
+    return ((None,) if stacked else ()) + LORA_AXES[name]
 
 
 def quantized_axes(key: str, ndim: int) -> tuple[str | None, ...]:
@@ -66,6 +74,8 @@ class LayerConfig:
     quantization: str | None = None
     use_rslora: bool = False
     padding_idx: int | None = None
+    num_lora_adapters: int | None = None
+    trainable_token_ids: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         _checks.positive_int("input_dim", self.input_dim)
@@ -79,6 +89,18 @@ class LayerConfig:
             if has_constraint:
                 raise lora.refuse_constraint("Embedding")
         lora.check_alpha(self.lora_alpha)
+        if self.num_lora_adapters is not None:
+            _checks.positive_int("num_lora_adapters", self.num_lora_adapters)
+            if self.lora_rank is None:
+                raise ValueError(
+                    "`num_lora_adapters` stacks LoRA adapters: it needs `lora_rank`. Received: "
+                    f"num_lora_adapters={self.num_lora_adapters}, lora_rank=None."
+                )
+        if self.trainable_token_ids is not None:
+            if has_constraint:
+                raise lora.refuse_constraint("Embedding")
+            ids = trainable_tokens.check_token_ids(self.trainable_token_ids, self.input_dim)
+            object.__setattr__(self, "trainable_token_ids", tuple(ids.tolist()))
         _checks.boolean("use_rslora", self.use_rslora)
         functional.check_padding_idx(self.padding_idx, self.input_dim)
         if quantization.parse_format(self.quantization, self.output_dim) and has_constraint:

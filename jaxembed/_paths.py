@@ -32,19 +32,23 @@ def param_name(path: KeyPath) -> str | None:
 
 
 def tables_beside_lora(tree: Any) -> set[tuple[str, ...]]:
-    """Name paths of every table leaf that has a LoRA adapter beside it (frozen)."""
+    """Name paths of every table leaf that has a LoRA adapter or trainable tokens beside it
+    (frozen)."""
     named = {names(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
     table_keys = _table.table_keys()
     return {
         path
         for path in named
-        if path and path[-1] in table_keys and (*path[:-1], _table.LORA_A) in named
+        if path
+        and path[-1] in table_keys
+        and any((*path[:-1], key) in named for key in (_table.LORA_A, _table.TOKEN_DELTA))
     }
 
 
 def frozen_tables(tree: Any) -> set[tuple[str, ...]]:
-    """Name paths of every table leaf that is never trained: tables with a LoRA adapter beside
-    them, and every array of a quantized table (its values, scales and zero points)."""
-    quantized = _table.quantized_keys()
+    """Name paths of every leaf that is never trained: tables with a LoRA adapter or
+    trainable tokens beside them, every array of a quantized table (its values, scales and
+    zero points), and trainable tokens' ids (integers)."""
+    never = _table.quantized_keys() | {_table.TOKEN_IDS}
     named = {names(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
-    return tables_beside_lora(tree) | {path for path in named if path and path[-1] in quantized}
+    return tables_beside_lora(tree) | {path for path in named if path and path[-1] in never}

@@ -23,7 +23,10 @@ out-of-range ids; integer storage gathers clipped rows, dequantizes, then masks 
 tests/test_table.py proves the seam with a `(rows, scale)` test double.
 
 LoRA's A `(input_dim, rank)` and B `(rank, output_dim)` sit beside any kind under the keys in
-`LORA_KEYS`; their maths lives in `jaxembed.lora`.
+`LORA_KEYS` (stacked adapters add a leading adapter axis: `(n, input_dim, rank)` and
+`(n, rank, output_dim)`); their maths lives in `jaxembed.lora`. Trainable tokens sit beside any
+kind too: K sorted row ids and a `(K, output_dim)` float32 delta added to those rows (the maths
+in `jaxembed.trainable_tokens`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ LORA_B = "lora_embeddings_b"
 LORA_KEYS = (LORA_A, LORA_B)
 LORA_DTYPE = jnp.float32
 """Adapter storage dtype whatever the table's (as Keras: avoids under/overflow in training)."""
+TOKEN_IDS = "trainable_tokens_ids"
+TOKEN_DELTA = "trainable_tokens_delta"
+TOKEN_KEYS = (TOKEN_IDS, TOKEN_DELTA)
+"""Trainable tokens: `(K,)` sorted, distinct int32 row ids and the `(K, output_dim)` float32
+delta added to those rows (the delta trains; the ids and the table are frozen)."""
 
 
 def take_rows(matrix: jax.Array, indices: Indices) -> jax.Array:
@@ -66,6 +74,20 @@ def take_rows(matrix: jax.Array, indices: Indices) -> jax.Array:
         fill_value=jnp.nan if indices.fill else None,
         wrap_negative_indices=False,
         out_sharding=_mesh.gather_sharding(matrix, indices.ids),
+    )
+
+
+def take_stacked_rows(a: jax.Array, index: jax.Array, indices: Indices) -> jax.Array:
+    """`a[index, ids]` for stacked adapters' A `(n, input_dim, rank)`: `index` (one adapter per
+    example, a prefix of `ids.shape`) broadcast over the rest of `ids`; NaN as `take_rows`."""
+    ids = indices.ids
+    which = jnp.broadcast_to(
+        index.reshape(*index.shape, *(1,) * (ids.ndim - index.ndim)), ids.shape
+    )
+    return a.at[which, ids].get(
+        mode=indices.gather_mode,
+        fill_value=jnp.nan if indices.fill else None,
+        wrap_negative_indices=False,
     )
 
 
@@ -353,14 +375,27 @@ KINDS: list[TableKind] = [
 
 
 class Adapter(NamedTuple):
-    """LoRA's A `(input_dim, rank)` and B `(rank, output_dim)`."""
+    """LoRA's A `(input_dim, rank)` and B `(rank, output_dim)`, or stacked adapters' A
+    `(n, input_dim, rank)` and B `(n, rank, output_dim)`."""
 
     a: jax.Array
     b: jax.Array
 
     @property
     def rank(self) -> int:
-        return int(self.a.shape[1])
+        return int(self.a.shape[-1])
+
+    @property
+    def count(self) -> int | None:
+        """How many stacked adapters; None for one ordinary adapter."""
+        return int(self.a.shape[0]) if self.a.ndim == 3 else None
+
+
+class Tokens(NamedTuple):
+    """Trainable tokens: `ids` `(K,)` sorted distinct rows, `delta` `(K, output_dim)`."""
+
+    ids: jax.Array
+    delta: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,6 +407,7 @@ class Table:
     input_dim: int
     output_dim: int
     adapter: Adapter | None
+    tokens: Tokens | None = None
 
     @property
     def dtype(self) -> np.dtype:
@@ -424,16 +460,21 @@ def adapter_of(params: Mapping[str, Any], input_dim: int, output_dim: int) -> Ad
             f"{LORA_A!r} (input_dim, rank) and {LORA_B!r} (rank, output_dim)."
         )
     a, b = jnp.asarray(params[LORA_A]), jnp.asarray(params[LORA_B])
-    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != input_dim or b.shape != (a.shape[1], output_dim):
+    single = a.ndim == 2 and b.ndim == 2 and a.shape[0] == input_dim
+    single = single and b.shape == (a.shape[1], output_dim)
+    stacked = a.ndim == 3 and b.ndim == 3 and a.shape[:2] == (b.shape[0], input_dim)
+    stacked = stacked and b.shape[1:] == (a.shape[2], output_dim)
+    if not (single or stacked):
         raise ValueError(
             f"LoRA weights must have shapes {LORA_A}=(input_dim, rank)=({input_dim}, rank) and "
-            f"{LORA_B}=(rank, output_dim)=(rank, {output_dim}). Received: "
+            f"{LORA_B}=(rank, output_dim)=(rank, {output_dim}), or stacked adapters' "
+            f"(n, {input_dim}, rank) and (n, rank, {output_dim}). Received: "
             f"{tuple(a.shape)} and {tuple(b.shape)}."
         )
-    if a.shape[1] == 0:
+    if a.shape[-1] == 0 or a.shape[0] == 0:
         raise ValueError(
-            f"A LoRA adapter must have rank >= 1. Received: {LORA_A} of shape {tuple(a.shape)} "
-            "(rank 0)."
+            f"A LoRA adapter must have rank >= 1 (and stacked adapters n >= 1). Received: "
+            f"{LORA_A} of shape {tuple(a.shape)}."
         )
     for key, matrix in zip(LORA_KEYS, (a, b), strict=True):
         if not jnp.issubdtype(matrix.dtype, jnp.floating):
@@ -441,6 +482,55 @@ def adapter_of(params: Mapping[str, Any], input_dim: int, output_dim: int) -> Ad
                 f"params[{key!r}] must be floating-point. Received: dtype {matrix.dtype}."
             )
     return Adapter(a, b)
+
+
+def tokens_of(params: Mapping[str, Any], input_dim: int, output_dim: int) -> Tokens | None:
+    """The trainable tokens in params, checked for shapes and dtypes (their values, sorted and
+    in range, are checked where they are made: `enable_trainable_tokens`); None if absent."""
+    present = [key for key in TOKEN_KEYS if key in params]
+    if not present:
+        return None
+    if len(present) == 1:
+        raise ValueError(
+            f"params hold {present[0]!r} but not its partner: trainable tokens need both "
+            f"{TOKEN_IDS!r} (K,) and {TOKEN_DELTA!r} (K, output_dim)."
+        )
+    ids, delta = jnp.asarray(params[TOKEN_IDS]), jnp.asarray(params[TOKEN_DELTA])
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(
+            f"params[{TOKEN_IDS!r}] must be a 1-D integer array of row ids. Received: "
+            f"{_array_summary(ids)}."
+        )
+    if delta.shape != (ids.shape[0], output_dim) or not jnp.issubdtype(delta.dtype, jnp.floating):
+        raise ValueError(
+            f"params[{TOKEN_DELTA!r}] must be floating of shape (K, output_dim) = "
+            f"({ids.shape[0]}, {output_dim}). Received: {_array_summary(delta)}."
+        )
+    if not _checks.is_traced(params[TOKEN_IDS]):
+        host = np.asarray(params[TOKEN_IDS])
+        if host.size and (host[0] < 0 or host[-1] >= input_dim or (np.diff(host) <= 0).any()):
+            raise ValueError(
+                f"params[{TOKEN_IDS!r}] must be sorted, distinct row ids in [0, input_dim) = "
+                f"[0, {input_dim}) (as enable_trainable_tokens makes them). Received: "
+                f"{host.tolist()[:8]}{'...' if host.size > 8 else ''}."
+            )
+    return Tokens(ids, delta)
+
+
+def refuse(table: Table, function: str, *, stacked: bool = True, tokens: bool = True) -> None:
+    """A ValueError for `function` on params it cannot take: stacked adapters (which one?),
+    or trainable tokens (not supported there yet)."""
+    if stacked and table.adapter is not None and table.adapter.count is not None:
+        raise ValueError(
+            f"{function} takes one LoRA adapter; params hold {table.adapter.count} stacked "
+            "adapters. Pick one with `jaxembed.lora.select_adapter(params, index)`."
+        )
+    if tokens and table.tokens is not None:
+        raise ValueError(
+            f"{function} does not support trainable tokens; params hold "
+            f"{table.tokens.ids.shape[0]}. Merge them first: "
+            "`jaxembed.merge_trainable_tokens(params)`."
+        )
 
 
 def view(params: Any) -> Table:
@@ -465,7 +555,9 @@ def view(params: Any) -> Table:
         )
     arrays = {key: params[key] for key in kind.keys}
     input_dim, output_dim = kind.shape(arrays)
-    return Table(kind, arrays, input_dim, output_dim, adapter_of(params, input_dim, output_dim))
+    adapter = adapter_of(params, input_dim, output_dim)
+    tokens = tokens_of(params, input_dim, output_dim)
+    return Table(kind, arrays, input_dim, output_dim, adapter, tokens)
 
 
 def with_dense(
@@ -483,6 +575,25 @@ def with_dense(
 def without_adapter(params: Mapping[str, Any]) -> Params:
     """Params with the LoRA keys dropped."""
     return {key: value for key, value in params.items() if key not in LORA_KEYS}
+
+
+def without_tokens(params: Mapping[str, Any]) -> Params:
+    """Params with the trainable tokens dropped."""
+    return {key: value for key, value in params.items() if key not in TOKEN_KEYS}
+
+
+def with_rows(params: Mapping[str, Any], table: Table, ids: jax.Array, rows: jax.Array) -> Params:
+    """Params with rows `ids` of the table replaced by the float `rows` `(K, output_dim)`,
+    stored as the table is (cast, or quantized in its format: every kind encodes rows one by
+    one, so only those rows change), by an index update of each stored array."""
+    encoded = table.kind.encode(table.arrays, rows)
+    updated = {
+        key: jnp.asarray(table.arrays[key])
+        .at[ids]
+        .set(encoded[key].astype(table.arrays[key].dtype))
+        for key in table.kind.keys
+    }
+    return {**params, **updated}
 
 
 def table_keys() -> set[str]:

@@ -174,7 +174,7 @@ def apply_constraint(
     constraint = get(embeddings_constraint)
     if constraint is None:
         return dict(params)
-    if table.adapter is not None:
+    if table.adapter is not None or table.tokens is not None:
         raise lora.refuse_constraint("apply_constraint")
     if isinstance(table.kind, _table.QuantizedTable):
         raise refuse_quantized("apply_constraint")

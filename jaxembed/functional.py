@@ -23,7 +23,16 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _checks, _mesh, _out_of_range, _table, initializers, lora, loss
+from jaxembed import (
+    _checks,
+    _mesh,
+    _out_of_range,
+    _table,
+    initializers,
+    lora,
+    loss,
+    trainable_tokens,
+)
 from jaxembed._table import Params
 
 __all__ = [
@@ -173,12 +182,17 @@ def apply(
     lora_alpha: float | None = None,
     use_rslora: bool = False,
     padding_idx: int | None = None,
+    adapter_ids: ArrayLike | None = None,
 ) -> jax.Array:
-    """Looks up the embedding of every id, adding the LoRA delta when params hold an adapter.
+    """Looks up the embedding of every id, adding the LoRA delta when params hold an adapter
+    and the trainable tokens' delta when they hold trainable tokens.
 
     With LoRA the output is `E[ids] + (lora_alpha / rank) * A[ids] @ B`: the rows of A are
-    gathered first, so the `(input_dim, output_dim)` delta `A @ B` is never built. The sum is
-    computed in at least float32 (A and B are float32), then cast to `dtype`.
+    gathered first, so the `(input_dim, output_dim)` delta `A @ B` is never built. With
+    stacked adapters (`enable_lora(..., num_adapters=n)`, `lora.stack_adapters`), example `i`
+    uses adapter `adapter_ids[i]`: `E[ids] + scale * A[adapter, ids] @ B[adapter]`. Trainable
+    tokens add `delta[k]` to the rows of ids equal to `token_ids[k]`. Sums are computed in at
+    least float32 (adapters and deltas are float32), then cast to `dtype`.
 
     Out-of-range ids under the default "error": an `IndexError` in eager code; under
     `jax.jit` it compiles as is and gives NaN rows (checkify the function for the error).
@@ -195,13 +209,21 @@ def apply(
         use_rslora: scale by `lora_alpha / sqrt(rank)` (rank-stabilized LoRA, PEFT's
             `use_rslora`) instead of `lora_alpha / rank`.
         padding_idx: torch's padding row: looked up as stored, but the rows of the table (and
-            of LoRA's A) at this id receive no gradient. Unlike `mask_zero`, nothing is masked.
+            of LoRA's A, and a trainable token's delta) at this id receive no gradient. Unlike
+            `mask_zero`, nothing is masked.
+        adapter_ids: with stacked adapters (required then), each example's adapter: integers
+            in `[-1, n_adapters)` shaped as a prefix of `ids.shape` (e.g. `(batch,)` for
+            `(batch, seq)` ids, broadcast over the sequence); -1 means the base table alone.
+            An id out of range raises an IndexError when concrete, and gives NaN rows under
+            plain jit (the error under `checkify`).
 
     Returns:
         Array of shape `ids.shape + (output_dim,)`.
 
     Raises:
-        TypeError: non-integer ids. IndexError: an out-of-range id under "error".
+        TypeError: non-integer ids. IndexError: an out-of-range id under "error", or an
+            adapter id out of range. ValueError: `adapter_ids` missing for stacked adapters,
+            given without them, or misshapen.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed
@@ -225,14 +247,44 @@ def apply(
         # The padding row reads as stored; its gradient is cut (a select on the cotangent).
         return rows if frozen is None else jnp.where(frozen, jax.lax.stop_gradient(rows), rows)
 
+    choice = _adapter_choice(table, adapter_ids, indices.ids.shape, "ids")
     rows = gathered(table.gather(indices))
     if table.adapter is not None:
         adapter = table.adapter
-        a_rows = gathered(_table.take_rows(adapter.a, indices))
         lora_scale = lora.scale(adapter.rank, lora_alpha, use_rslora)
-        sharding = _table.out_sharding(table, indices)
-        rows = lora.add_delta(rows, a_rows, adapter.b, lora_scale, sharding)
+        if choice is None:
+            a_rows = gathered(_table.take_rows(adapter.a, indices))
+            sharding = _table.out_sharding(table, indices)
+            rows = lora.add_delta(rows, a_rows, adapter.b, lora_scale, sharding)
+        else:
+            a_rows = gathered(_table.take_stacked_rows(adapter.a, choice.index, indices))
+            rows = lora.add_stacked_delta(rows, a_rows, adapter, choice, lora_scale)
+    if table.tokens is not None:
+        delta = gathered(trainable_tokens.delta_rows(table.tokens, indices.ids))
+        rows = rows.astype(jnp.promote_types(rows.dtype, delta.dtype)) + delta
     return rows.astype(dtype)
+
+
+def _adapter_choice(
+    table: _table.Table, adapter_ids: Any, shape: tuple[int, ...], of: str
+) -> lora.AdapterChoice | None:
+    """Prepared `adapter_ids` for stacked adapters; None for params without them (where
+    passing `adapter_ids` is an error, as is omitting it for stacked adapters)."""
+    count = None if table.adapter is None else table.adapter.count
+    if count is None:
+        if adapter_ids is not None:
+            raise ValueError(
+                "`adapter_ids` selects among stacked LoRA adapters, and params hold "
+                f"{'one adapter' if table.adapter else 'no adapter'}. Received: adapter_ids "
+                "given; drop it, or stack adapters (jaxembed.lora.stack_adapters)."
+            )
+        return None
+    if adapter_ids is None:
+        raise ValueError(
+            f"params hold {count} stacked LoRA adapters: pass `adapter_ids` (one per example, "
+            "-1 for the base table alone). Received: adapter_ids=None."
+        )
+    return lora.adapter_choice(adapter_ids, count, tuple(shape), of)
 
 
 def compute_mask(ids: ArrayLike, mask_zero: bool) -> jax.Array | None:
@@ -264,11 +316,13 @@ def attend(
     lora_alpha: float | None = None,
     logit_soft_cap: float | None = None,
     use_rslora: bool = False,
+    adapter_ids: ArrayLike | None = None,
 ) -> jax.Array:
     """Tied-weights logits: the inner product of each query vector with every embedding.
 
     With LoRA, `query @ E.T + (lora_alpha / rank) * (query @ B.T) @ A.T`: two thin matmuls
-    instead of building `E + scale * A @ B`.
+    instead of building `E + scale * A @ B` (stacked adapters: each example's own A and B).
+    Trainable tokens add `query @ delta.T` to their K columns.
 
     Args:
         params: from `init` (and `enable_lora`).
@@ -277,6 +331,7 @@ def attend(
         lora_alpha: LoRA scale numerator; None means the rank.
         logit_soft_cap: `c * tanh(logits / c)` on the logits (Gemma 2); None: no capping.
         use_rslora: as `apply`'s.
+        adapter_ids: as `apply`'s, shaped as a prefix of `query.shape[:-1]`.
 
     Returns:
         `query @ embeddings.T`, shape `(..., input_dim)`.
@@ -298,6 +353,7 @@ def attend(
     _checks.boolean("use_rslora", use_rslora)
     if logit_soft_cap is not None:
         logit_soft_cap = _checks.positive_number("logit_soft_cap", logit_soft_cap)
+    choice = _adapter_choice(table, adapter_ids, query.shape[:-1], "query[..., 0]")
     query = query.astype(dtype)
     shardings = _mesh.attend_shardings(query, table.leading)
     if shardings is not None:
@@ -306,5 +362,10 @@ def attend(
     if table.adapter is not None:
         adapter = table.adapter
         lora_scale = lora.scale(adapter.rank, lora_alpha, use_rslora)
-        logits = lora.add_to_logits(logits, query, adapter, lora_scale, shardings)
+        if choice is None:
+            logits = lora.add_to_logits(logits, query, adapter, lora_scale, shardings)
+        else:
+            logits = lora.add_stacked_to_logits(logits, query, adapter, choice, lora_scale)
+    if table.tokens is not None:
+        logits = trainable_tokens.add_to_logits(logits, query, table.tokens)
     return loss.soft_cap(logits, logit_soft_cap)

@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax
@@ -30,6 +30,7 @@ from jaxembed import (
     loss,
     quantization,
     regularizers,
+    trainable_tokens,
     vocabulary,
 )
 
@@ -77,6 +78,13 @@ class Embedding(nn.Module):
         padding_idx: torch's `nn.Embedding(padding_idx=)`: a drawn table has that row zeroed,
             and the row receives no gradient through the lookup (it is not masked: see
             `mask_zero` for that).
+        num_lora_adapters: with `lora_rank`, n stacked adapters (A `(n, input_dim, rank)`, B
+            `(n, rank, output_dim)`): each example picks one with `adapter_ids` (-1: none) in
+            `__call__` and `attend` (serving many fine-tunes in one batch).
+        trainable_token_ids: rows to train while the table stays frozen: param
+            "trainable_tokens_delta" `(K, output_dim)` (zeros; logical axes (None, "embed"))
+            is added to those rows (see `jaxembed.enable_trainable_tokens`). The ids are part
+            of the module, not a variable.
 
     The table is param "embeddings" with logical axes ("vocab", "embed"). A quantized table's
     arrays ("embeddings_int8" or "embeddings_int4", "embeddings_scale", "embeddings_zero")
@@ -99,12 +107,15 @@ class Embedding(nn.Module):
     quantization: str | None = None
     use_rslora: bool = False
     padding_idx: int | None = None
+    num_lora_adapters: int | None = None
+    trainable_token_ids: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         config = _config.LayerConfig.of(self)  # fails here, at construction, as Keras does
         # The checked read-only copy, not the caller's array (see LayerConfig); flax's clones
         # (one per `apply`) then rebuild the config without a second check.
         object.__setattr__(self, "weights", config.weights)
+        object.__setattr__(self, "trainable_token_ids", config.trainable_token_ids)
         object.__setattr__(self, "_config", config)
         super().__post_init__()
 
@@ -124,17 +135,32 @@ class Embedding(nn.Module):
             self.table = self._quantized_table(fmt)
         self.adapter = {}
         if self.lora_rank:
-            shapes = lora.adapter_shapes(self.input_dim, self.output_dim, self.lora_rank)
-            draws = lora.adapter_initializers()
+            count = self.num_lora_adapters
+            shapes = lora.adapter_shapes(
+                self.input_dim, self.output_dim, self.lora_rank, num_adapters=count
+            )
+            draws = lora.adapter_initializers(num_adapters=count)
             self.adapter = {
                 name: self.param(
                     name,
-                    nn.with_logical_partitioning(draws[name], _config.LORA_AXES[name]),
+                    nn.with_logical_partitioning(
+                        draws[name], _config.lora_axes(name, count is not None)
+                    ),
                     shapes[name],
                     _table.LORA_DTYPE,
                 )
                 for name in _table.LORA_KEYS
             }
+        self.tokens = {}
+        if self.trainable_token_ids is not None:
+            ids = self.trainable_token_ids
+            delta = self.param(
+                _table.TOKEN_DELTA,
+                nn.with_logical_partitioning(nn.initializers.zeros, _config.TOKEN_DELTA_AXES),
+                (len(ids), self.output_dim),
+                trainable_tokens.TOKEN_DTYPE,
+            )
+            self.tokens = {_table.TOKEN_IDS: jnp.asarray(ids, jnp.int32), _table.TOKEN_DELTA: delta}
 
     def _quantized_table(self, fmt: Any) -> dict[str, jax.Array]:
         """The quantized arrays, drawn and quantized once when the variables are created."""
@@ -155,10 +181,11 @@ class Embedding(nn.Module):
         return {name: self.variable(QUANTIZED, name, boxed(name)).value for name in keys}
 
     def _params(self) -> functional.Params:
-        return {**self.table, **self.adapter}
+        return {**self.table, **self.adapter, **self.tokens}
 
-    def __call__(self, ids: ArrayLike) -> jax.Array:
-        """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)`."""
+    def __call__(self, ids: ArrayLike, adapter_ids: ArrayLike | None = None) -> jax.Array:
+        """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)`; `adapter_ids`
+        picks each example's adapter when `num_lora_adapters` is set."""
         params = self._params()
         if self.embeddings_regularizer is not None:
             # Overwrite rather than append: one penalty per layer however often it is called.
@@ -177,13 +204,20 @@ class Embedding(nn.Module):
             lora_alpha=self.lora_alpha,
             use_rslora=self.use_rslora,
             padding_idx=self.padding_idx,
+            adapter_ids=adapter_ids,
         )
 
     def compute_mask(self, ids: ArrayLike) -> jax.Array | None:
         """`ids != 0` when `mask_zero`, else None."""
         return functional.compute_mask(ids, self.mask_zero)
 
-    def attend(self, query: ArrayLike, *, logit_soft_cap: float | None = None) -> jax.Array:
+    def attend(
+        self,
+        query: ArrayLike,
+        adapter_ids: ArrayLike | None = None,
+        *,
+        logit_soft_cap: float | None = None,
+    ) -> jax.Array:
         """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`."""
         return functional.attend(
             self._params(),
@@ -192,6 +226,7 @@ class Embedding(nn.Module):
             lora_alpha=self.lora_alpha,
             logit_soft_cap=logit_soft_cap,
             use_rslora=self.use_rslora,
+            adapter_ids=adapter_ids,
         )
 
     def attend_cross_entropy(
@@ -242,10 +277,11 @@ def quantize_variables(
             return params, None
         if _table.EMBEDDINGS in params:
             box = params[_table.EMBEDDINGS]
-            plain = {**params, _table.EMBEDDINGS: nn.unbox(box)}
-            table = _table.view(plain)
-            stored = quantization.quantize(plain, mode, block_size=block_size)
-            quantized = {key: stored[key] for key in stored if key not in plain}
+            # The table alone: adapters and tokens' deltas stay as they are, boxes and all.
+            stored = quantization.quantize(
+                {_table.EMBEDDINGS: nn.unbox(box)}, mode, block_size=block_size
+            )
+            quantized = dict(stored)
             if isinstance(box, nn.LogicallyPartitioned):
                 vocab = box.names[0]
                 quantized = {
@@ -254,7 +290,7 @@ def quantize_variables(
                     else box.replace(value=value, names=(vocab, *(None,) * (value.ndim - 1)))
                     for key, value in quantized.items()
                 }
-            rest = {key: value for key, value in params.items() if key not in table.kind.keys}
+            rest = {key: value for key, value in params.items() if key != _table.EMBEDDINGS}
             return rest, quantized
         pairs = {key: split(value) for key, value in params.items()}
         kept = {key: pair[0] for key, pair in pairs.items()}
@@ -298,6 +334,7 @@ def resize_variables(
         name: nn.unbox(value)
         for collection in collections
         for name, value in variables.get(collection, {}).items()
+        if name != _table.TOKEN_DELTA  # kept as it is; the ids live in the module
     }
     resized = vocabulary.resize(
         plain,
@@ -313,7 +350,9 @@ def resize_variables(
             continue
         out[collection] = {
             name: (
-                value.replace_boxed(resized[name])
+                value
+                if name not in resized
+                else value.replace_boxed(resized[name])
                 if isinstance(value, nn.meta.AxisMetadata)
                 else resized[name]
             )

@@ -22,10 +22,12 @@ Training only the adapter, with no gradient or optimizer state for the table:
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 
 from jaxembed import _checks, _paths, _table, initializers
@@ -40,13 +42,17 @@ __all__ = [
     "init_lora",
     "merge_lora",
     "remove_lora",
+    "select_adapter",
     "split_trainable",
+    "stack_adapters",
     "trainable_labels",
     "unmerge_lora",
 ]
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
+_ADAPTER_KEYS = (*LORA_KEYS, _table.TOKEN_DELTA)
+"""What `adapters_only=True` trains: LoRA's matrices and trainable tokens' deltas."""
 
 
 def check_rank(name: str, rank: Any) -> int:
@@ -75,10 +81,12 @@ def scale(rank: int, lora_alpha: float | None, use_rslora: bool = False) -> floa
 
 
 def refuse_constraint(function: str) -> ValueError:
-    """Keras refuses LoRA together with an embeddings constraint; so do we."""
+    """Keras refuses LoRA together with an embeddings constraint; so do we (and trainable
+    tokens, which freeze the table too)."""
     return ValueError(
         f"{function}: LoRA is incompatible with embedding constraints (as in Keras): the table "
-        "is frozen under LoRA. Remove the `embeddings_constraint`, or merge the adapter first."
+        "is frozen under LoRA (and under trainable tokens). Remove the `embeddings_constraint`, "
+        "or merge the adapter (or the tokens) first."
     )
 
 
@@ -119,6 +127,88 @@ def add_to_logits(
     )
 
 
+class AdapterChoice(NamedTuple):
+    """Which stacked adapter each example uses, prepared by `adapter_choice`."""
+
+    index: jax.Array
+    """`prefix` int32 in `[0, n)` (clipped: read `use` and `valid` too)."""
+    use: jax.Array
+    """`prefix` bool: an adapter applies (False for -1, the base table alone)."""
+    valid: jax.Array
+    """`prefix` bool: the id names an adapter or -1 (False: the example's rows are NaN)."""
+
+
+def adapter_choice(adapter_ids: Any, count: int, shape: tuple[int, ...], of: str) -> AdapterChoice:
+    """Checks `adapter_ids` (integers in `[-1, count)`, shaped as a prefix of `shape`, the
+    shape of `of`) and prepares them. Concrete ids out of range raise an IndexError; traced
+    ones give NaN rows (and the error under `checkify`), as the "error" policy of ids."""
+    ids = _checks.integer_ids(adapter_ids, "adapter_ids")
+    prefix = tuple(ids.shape)
+    if prefix != tuple(shape[: len(prefix)]):
+        raise ValueError(
+            f"`adapter_ids` must have a shape that {of}'s shape {tuple(shape)} starts with "
+            f"(one id per example, e.g. ({shape[0] if shape else ''},)). Received: "
+            f"adapter_ids of shape {prefix}."
+        )
+    message = (
+        f"`adapter_ids` must lie in [-1, n_adapters) = [-1, {count}) (-1: the base table "
+        "alone); got {bad_id}."
+    )
+    if isinstance(ids, np.ndarray):
+        bad = (ids < -1) | (ids >= count)
+        if bad.any():
+            raise IndexError(message.format(bad_id=int(ids[bad].flat[0])))
+        ids = jnp.asarray(ids.astype(np.int32))
+    ids = ids.astype(jnp.int32) if ids.dtype.itemsize <= 4 else ids
+    valid = (ids >= -1) & (ids < count)
+    if _checks.is_traced(ids):
+        smallest_bad = jnp.min(jnp.where(valid, count, ids), initial=count)
+        checkify.debug_check(jnp.all(valid), message, bad_id=smallest_bad)
+    elif not bool(jnp.all(valid)):
+        raise IndexError(message.format(bad_id=ids[~valid].ravel()[0].item()))
+    index = jnp.clip(ids, 0, count - 1).astype(jnp.int32)
+    return AdapterChoice(index, ids >= 0, valid)
+
+
+def add_stacked_delta(
+    rows: jax.Array,
+    a_rows: jax.Array,
+    adapter: Adapter,
+    choice: AdapterChoice,
+    lora_scale: float,
+) -> jax.Array:
+    """`rows + lora_scale * A[adapter, ids] @ B[adapter]` per example, for gathered rows of the
+    stacked A (`a_rows`, `ids.shape + (rank,)`). Each example's B is gathered once: the step
+    reads `examples * rank * output_dim` of B, whatever the number of adapters."""
+    prefix = choice.index.shape
+    examples = math.prod(prefix)
+    b = jnp.where(choice.use[..., None, None], adapter.b[choice.index], 0.0)
+    per_example = a_rows.reshape(examples, -1, adapter.rank)
+    delta = jnp.einsum("ptr,prd->ptd", per_example, b.reshape(examples, *b.shape[-2:]))
+    delta = delta.reshape(*rows.shape[:-1], delta.shape[-1])
+    bad = ~choice.valid.reshape(*prefix, *(1,) * (rows.ndim - len(prefix)))
+    return jnp.where(bad, jnp.nan, rows.astype(delta.dtype) + lora_scale * delta)
+
+
+def add_stacked_to_logits(
+    logits: jax.Array, query: jax.Array, adapter: Adapter, choice: AdapterChoice, lora_scale: float
+) -> jax.Array:
+    """`logits + lora_scale * (query @ B[adapter].T) @ A[adapter].T` per example: each example
+    gathers its adapter's A `(input_dim, rank)` and B once (memory `examples * input_dim *
+    rank`, independent of the number of adapters)."""
+    prefix = choice.index.shape
+    examples = math.prod(prefix)
+    dtype = query.dtype
+    use = choice.use.reshape(examples, 1, 1)
+    b = jnp.where(use, adapter.b[choice.index].reshape(examples, adapter.rank, -1), 0.0)
+    a = jnp.where(use, adapter.a[choice.index].reshape(examples, -1, adapter.rank), 0.0)
+    q = query.reshape(examples, -1, query.shape[-1])
+    low_rank = jnp.einsum("ptd,prd->ptr", q, b.astype(dtype))
+    delta = jnp.einsum("ptr,pvr->ptv", low_rank, a.astype(dtype)).reshape(logits.shape)
+    bad = ~choice.valid.reshape(*prefix, *(1,) * (logits.ndim - len(prefix)))
+    return jnp.where(bad, jnp.nan, logits + lora_scale * delta)
+
+
 def has_lora(params: Params) -> bool:
     """True when params hold a LoRA adapter (both A and B, checked against the table).
 
@@ -130,8 +220,11 @@ def has_lora(params: Params) -> bool:
     return _table.view(params).adapter is not None
 
 
-def adapter_shapes(input_dim: int, output_dim: int, rank: int) -> dict[str, tuple[int, int]]:
-    """{"lora_embeddings_a": (input_dim, rank), "lora_embeddings_b": (rank, output_dim)}.
+def adapter_shapes(
+    input_dim: int, output_dim: int, rank: int, *, num_adapters: int | None = None
+) -> dict[str, tuple[int, ...]]:
+    """{"lora_embeddings_a": (input_dim, rank), "lora_embeddings_b": (rank, output_dim)}, with
+    a leading `num_adapters` axis for stacked adapters.
 
     Example:
         >>> import jaxembed
@@ -141,14 +234,22 @@ def adapter_shapes(input_dim: int, output_dim: int, rank: int) -> dict[str, tupl
     input_dim = _checks.positive_int("input_dim", input_dim)
     output_dim = _checks.positive_int("output_dim", output_dim)
     rank = check_rank("rank", rank)
-    return {LORA_A: (input_dim, rank), LORA_B: (rank, output_dim)}
+    shapes = {LORA_A: (input_dim, rank), LORA_B: (rank, output_dim)}
+    if num_adapters is None:
+        return shapes
+    count = _checks.positive_int("num_adapters", num_adapters)
+    return {name: (count, *shape) for name, shape in shapes.items()}
 
 
 def adapter_initializers(
     a_initializer: initializers.InitializerLike = "he_uniform",
     b_initializer: initializers.InitializerLike = "zeros",
+    *,
+    num_adapters: int | None = None,
 ) -> dict[str, initializers.Initializer]:
-    """{name: (key, shape, dtype) -> matrix} for A and B, Keras's defaults.
+    """{name: (key, shape, dtype) -> matrix} for A and B, Keras's defaults. With
+    `num_adapters=n` the shapes have a leading adapter axis and each adapter is drawn
+    separately (so "he_uniform" keeps fan_in = input_dim).
 
     Example:
         >>> import jax, jaxembed
@@ -156,7 +257,19 @@ def adapter_initializers(
         >>> float(draws["lora_embeddings_b"](jax.random.key(0), (2, 3)).sum())
         0.0
     """
-    return {LORA_A: initializers.get(a_initializer), LORA_B: initializers.get(b_initializer)}
+    draws = {LORA_A: initializers.get(a_initializer), LORA_B: initializers.get(b_initializer)}
+    if num_adapters is None:
+        return draws
+    count = _checks.positive_int("num_adapters", num_adapters)
+
+    def stacked(draw: initializers.Initializer) -> initializers.Initializer:
+        def init_fn(key: jax.Array, shape: Sequence[int], dtype: Any = LORA_DTYPE) -> jax.Array:
+            keys = jax.random.split(key, count)
+            return jnp.stack([draw(k, tuple(shape[1:]), dtype) for k in keys])
+
+        return init_fn
+
+    return {name: stacked(draw) for name, draw in draws.items()}
 
 
 def init_lora(
@@ -167,9 +280,11 @@ def init_lora(
     *,
     a_initializer: initializers.InitializerLike = "he_uniform",
     b_initializer: initializers.InitializerLike = "zeros",
+    num_adapters: int | None = None,
 ) -> Params:
     """A fresh adapter: {"lora_embeddings_a": (input_dim, rank), "lora_embeddings_b": (rank,
-    output_dim)}, both float32 whatever the table's dtype.
+    output_dim)}, both float32 whatever the table's dtype; with `num_adapters=n`, n stacked
+    adapters `(n, input_dim, rank)` and `(n, rank, output_dim)`, each drawn independently.
 
     A's default "he_uniform" has fan_in = input_dim and B starts at zero, so a fresh adapter
     leaves the layer's output unchanged.
@@ -179,11 +294,86 @@ def init_lora(
         >>> adapter = jaxembed.lora.init_lora(jax.random.key(0), 100, 8, rank=4)
         >>> adapter["lora_embeddings_a"].shape, adapter["lora_embeddings_b"].shape
         ((100, 4), (4, 8))
+        >>> jaxembed.lora.init_lora(jax.random.key(0), 100, 8, 4, num_adapters=3)[
+        ...     "lora_embeddings_b"].shape
+        (3, 4, 8)
     """
-    shapes = adapter_shapes(input_dim, output_dim, rank)
-    draws = adapter_initializers(a_initializer, b_initializer)
+    shapes = adapter_shapes(input_dim, output_dim, rank, num_adapters=num_adapters)
+    draws = adapter_initializers(a_initializer, b_initializer, num_adapters=num_adapters)
     keys = dict(zip(LORA_KEYS, jax.random.split(key), strict=True))
     return {name: draws[name](keys[name], shapes[name], LORA_DTYPE) for name in LORA_KEYS}
+
+
+def stack_adapters(adapters: Sequence[Params]) -> Params:
+    """Stacks n ordinary adapters of one rank (separately trained, e.g. one per customer) into
+    `(n, input_dim, rank)` and `(n, rank, output_dim)`, for serving them in one batch with
+    `apply(..., adapter_ids=)` and `attend(..., adapter_ids=)`.
+
+    Args:
+        adapters: dicts holding "lora_embeddings_a" and "lora_embeddings_b" (other keys, such
+            as the table, are ignored), all of the same shapes.
+
+    Returns:
+        {"lora_embeddings_a": (n, input_dim, rank), "lora_embeddings_b": (n, rank,
+        output_dim)}; merge it into params with `{**params, **stacked}`.
+
+    Example:
+        >>> import jax, jaxembed
+        >>> one = jaxembed.lora.init_lora(jax.random.key(0), 100, 8, rank=2)
+        >>> two = jaxembed.lora.init_lora(jax.random.key(1), 100, 8, rank=2)
+        >>> jaxembed.lora.stack_adapters([one, two])["lora_embeddings_a"].shape
+        (2, 100, 2)
+    """
+    if isinstance(adapters, Mapping) or not isinstance(adapters, Sequence) or not adapters:
+        raise ValueError(
+            "`adapters` must be a non-empty list of adapter dicts (each with "
+            f"{LORA_A!r} and {LORA_B!r}). Received: adapters={_checks.describe(adapters)}."
+        )
+    shapes = set()
+    for position, adapter in enumerate(adapters):
+        if not isinstance(adapter, Mapping) or any(key not in adapter for key in LORA_KEYS):
+            raise ValueError(
+                f"`adapters[{position}]` must be a dict with {LORA_A!r} and {LORA_B!r}. "
+                f"Received: {_checks.describe(adapter)}."
+            )
+        a, b = (jnp.asarray(adapter[key]) for key in LORA_KEYS)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise ValueError(
+                f"`adapters[{position}]` must hold one adapter, A (input_dim, rank) and B "
+                f"(rank, output_dim). Received: {tuple(a.shape)} and {tuple(b.shape)}."
+            )
+        shapes.add((a.shape, b.shape))
+    if len(shapes) > 1:
+        raise ValueError(
+            "`adapters` must all have the same shapes (one rank, one table) to be stacked. "
+            f"Received: shapes {sorted(shapes)}."
+        )
+    return {key: jnp.stack([jnp.asarray(a[key]) for a in adapters]) for key in LORA_KEYS}
+
+
+def select_adapter(params: Params, index: int) -> Params:
+    """Params with stacked adapters reduced to adapter `index` (an ordinary adapter), e.g. to
+    merge it or export it.
+
+    Example:
+        >>> import jax, jaxembed
+        >>> params = jaxembed.enable_lora(jaxembed.init(jax.random.key(0), 10, 4),
+        ...                               jax.random.key(1), rank=2, num_adapters=3)
+        >>> jaxembed.lora.select_adapter(params, 2)["lora_embeddings_a"].shape
+        (10, 2)
+    """
+    adapter = _adapter(_table.view(params), params, "select_adapter")
+    if adapter.count is None:
+        raise ValueError(
+            "select_adapter needs stacked adapters (A of shape (n, input_dim, rank)); params "
+            f"hold one adapter, A of shape {tuple(adapter.a.shape)}."
+        )
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < adapter.count:
+        raise ValueError(
+            f"`index` must be an int in [0, n_adapters) = [0, {adapter.count}). Received: "
+            f"index={_checks.describe(index)}."
+        )
+    return {**params, LORA_A: adapter.a[index], LORA_B: adapter.b[index]}
 
 
 def enable_lora(
@@ -193,6 +383,7 @@ def enable_lora(
     *,
     a_initializer: initializers.InitializerLike = "he_uniform",
     b_initializer: initializers.InitializerLike = "zeros",
+    num_adapters: int | None = None,
 ) -> Params:
     """Adds a LoRA adapter of `rank` to existing params (pretrained, loaded, `weights=`...).
 
@@ -201,6 +392,9 @@ def enable_lora(
         key: PRNG key for A's initializer.
         rank: positive int.
         a_initializer, b_initializer: Keras names or JAX initializers (Keras's defaults).
+        num_adapters: n stacked adapters (A `(n, input_dim, rank)`, B `(n, rank,
+            output_dim)`), one per example's `adapter_ids` in `apply` and `attend`; None:
+            one ordinary adapter.
 
     Returns:
         A new dict: the same table plus "lora_embeddings_a" and "lora_embeddings_b".
@@ -229,6 +423,7 @@ def enable_lora(
         rank,
         a_initializer=a_initializer,
         b_initializer=b_initializer,
+        num_adapters=num_adapters,
     )
     return {**params, **adapter}
 
@@ -295,6 +490,7 @@ def merge_lora(
     """
     table = _table.view(params)
     adapter = _adapter(table, params, "merge_lora")
+    _table.refuse(table, "merge_lora", tokens=False)
     _checks.boolean("safe_merge", safe_merge)
     _checks.boolean("requantize", requantize)
     lora_scale = scale(adapter.rank, lora_alpha, use_rslora)
@@ -353,6 +549,7 @@ def unmerge_lora(
     with_adapter = {**params, **adapter}
     table = _table.view(with_adapter)
     merged = _adapter(table, with_adapter, "unmerge_lora")
+    _table.refuse(table, "unmerge_lora", tokens=False)
     delta = dense_delta(merged, scale(merged.rank, lora_alpha, use_rslora))
     unmerged = _table.with_dense(params, table, table.dense().astype(jnp.float32) - delta)
     return {**unmerged, LORA_A: table.adapter.a, LORA_B: table.adapter.b}
@@ -377,8 +574,9 @@ def trainable_labels(tree: Any, *, adapters_only: bool = False) -> Any:
 
     By default, as Keras: "frozen" for every table that has a LoRA adapter beside it and for
     every array of a quantized table, "trainable" for everything else. With
-    `adapters_only=True`, only the LoRA matrices are "trainable" and every other leaf of the
-    model is "frozen" (classic LoRA fine-tuning).
+    `adapters_only=True`, only the LoRA matrices and trainable tokens' deltas are "trainable"
+    and every other leaf of the model is "frozen" (classic LoRA fine-tuning). Trainable tokens'
+    ids are always "frozen", and so is a table with trainable tokens beside it.
 
     Works on any params pytree: one jaxembed layer's dict, or a whole Flax model (linen
     variables, boxed or not, or an `nnx.State`) holding jaxembed layers beside other layers.
@@ -396,7 +594,7 @@ def trainable_labels(tree: Any, *, adapters_only: bool = False) -> Any:
     def label(path: tuple[Any, ...], _: Any) -> str:
         names = _paths.names(path)
         if adapters_only:
-            return TRAINABLE if names and names[-1] in LORA_KEYS else FROZEN
+            return TRAINABLE if names and names[-1] in _ADAPTER_KEYS else FROZEN
         return FROZEN if names in frozen else TRAINABLE
 
     return jax.tree_util.tree_map_with_path(label, tree)

@@ -93,7 +93,7 @@ def walk_input(table: _table.Table, dtype: Any) -> tuple[Any, _FrozenRows | None
     return (table.arrays if frozen else table.dense().astype(dtype)), frozen
 
 
-def _read_chunk(q, low_rank, table, a, start, first, chunk, scale, frozen=None) -> _Chunk:
+def _read_chunk(q, low_rank, table, a, start, first, chunk, scale, frozen, columns) -> _Chunk:
     if frozen is None:
         rows = jax.lax.dynamic_slice_in_dim(table, start, chunk)
     else:
@@ -106,8 +106,36 @@ def _read_chunk(q, low_rank, table, a, start, first, chunk, scale, frozen=None) 
         raw = raw + scale * jnp.einsum(
             "tr,cr->tc", low_rank, a_rows, precision=jax.lax.Precision.HIGHEST
         )
+    if columns is not None:  # trainable tokens: their `q @ delta.T` into their columns here
+        local, inside = _token_columns(columns.ids, start, chunk)
+        raw = raw.at[:, local].add(jnp.where(inside, columns.logits, 0.0))
     new = (start + jnp.arange(chunk, dtype=jnp.int32)) >= first
     return _Chunk(rows, a_rows, raw, new)
+
+
+class _TokenColumns(NamedTuple):
+    """Trainable tokens in the walk: their row ids `(K,)` and logits `q @ delta.T` `(tokens,
+    K)`, added to the columns of the chunk that holds each id."""
+
+    ids: jax.Array
+    logits: jax.Array
+
+
+def _token_columns(ids: jax.Array, start: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(column of each token id in the chunk from `start`, clipped; whether it is inside)."""
+    local = ids.astype(jnp.int32) - start
+    inside = (local >= 0) & (local < chunk)
+    return jnp.clip(local, 0, chunk - 1), inside
+
+
+def _columns(q: jax.Array, tokens: Any) -> _TokenColumns | None:
+    if tokens is None:
+        return None
+    ids, delta = tokens
+    logits = jnp.einsum(
+        "td,kd->tk", q, delta.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    return _TokenColumns(ids, logits)
 
 
 def _add_rows(buffer: jax.Array, start: jax.Array, rows: jax.Array) -> jax.Array:
@@ -205,6 +233,7 @@ def attend_cross_entropy(
         table_input,
         None if adapter is None else adapter.a,
         None if adapter is None else adapter.b,
+        None if table.tokens is None else tuple(table.tokens),
         setup.labels,
     )
     losses = _losses_from_statistics(*statistics, setup.smoothing, setup.z_loss, table.input_dim)
@@ -216,22 +245,24 @@ def attend_cross_entropy(
 # become losses (after per-token collectives across shards) and are reduced.
 
 
-def _partial_forward(static, q, table, a, b, labels):
+def _partial_forward(static, q, table, a, b, tokens, labels):
     """Per-token `(logsumexp, label logit, logit sum)` over the rows of `table` (a shard).
 
     `labels` are row indices into `table`; one outside `[0, rows)` names no row here (its
     label logit is 0). `static` is `(chunk, logit_soft_cap, lora_scale, frozen)`, `frozen` a
     `_FrozenRows` when `table` is a frozen table's arrays, else None (`table` is a matrix).
+    `tokens` is trainable tokens' `(ids, delta)`, or None.
     """
     chunk, cap, scale, frozen = static
-    tokens = q.shape[0]
+    tokens_count = q.shape[0]
     low_rank = None if b is None else q @ b.astype(jnp.float32).T
+    columns = _columns(q, tokens)
     starts, firsts = _starts(_rows_of(table), chunk)
 
     def body(carry, start_first):
         running_max, running_sum, logit_sum, label_logit = carry
         start, first = start_first
-        block = _read_chunk(q, low_rank, table, a, start, first, chunk, scale, frozen)
+        block = _read_chunk(q, low_rank, table, a, start, first, chunk, scale, frozen, columns)
         logits, new = soft_cap(block.raw, cap), block.new
         masked = jnp.where(new, logits, -jnp.inf)
         new_max = jnp.maximum(running_max, masked.max(axis=1))
@@ -246,8 +277,8 @@ def _partial_forward(static, q, table, a, b, labels):
         return (new_max, running_sum, logit_sum, label_logit), None
 
     # `*_like(q)`: inside shard_map the carries vary over the mesh axes the inputs vary over.
-    zeros = jnp.zeros_like(q, jnp.float32, shape=(tokens,))
-    init = (jnp.full_like(q, -jnp.inf, jnp.float32, shape=(tokens,)), zeros, zeros, zeros)
+    zeros = jnp.zeros_like(q, jnp.float32, shape=(tokens_count,))
+    init = (jnp.full_like(q, -jnp.inf, jnp.float32, shape=(tokens_count,)), zeros, zeros, zeros)
     (running_max, running_sum, logit_sum, label_logit), _ = jax.lax.scan(
         body, init, (starts, firsts)
     )
@@ -255,31 +286,32 @@ def _partial_forward(static, q, table, a, b, labels):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _partial_statistics(static, q, table, a, b, labels):
+def _partial_statistics(static, q, table, a, b, tokens, labels):
     """`_partial_forward`, differentiable: the backward pass recomputes each chunk's logits, so
     forward and backward hold one `(tokens, chunk)` block at a time, never the logits."""
-    return _partial_forward(static, q, table, a, b, labels)
+    return _partial_forward(static, q, table, a, b, tokens, labels)
 
 
-def _partial_statistics_fwd(static, q, table, a, b, labels):
-    lse, label_logit, logit_sum = _partial_forward(static, q, table, a, b, labels)
-    return (lse, label_logit, logit_sum), (q, table, a, b, labels, lse)
+def _partial_statistics_fwd(static, q, table, a, b, tokens, labels):
+    lse, label_logit, logit_sum = _partial_forward(static, q, table, a, b, tokens, labels)
+    return (lse, label_logit, logit_sum), (q, table, a, b, tokens, labels, lse)
 
 
 def _partial_statistics_bwd(static, residuals, cotangents):
     chunk, cap, scale, frozen = static
-    q, table, a, b, labels, lse = residuals
+    q, table, a, b, tokens, labels, lse = residuals
     g_lse, g_label, g_sum = cotangents  # per token
     b32 = None if b is None else b.astype(jnp.float32)
     low_rank = None if b is None else q @ b32.T
+    token_columns = _columns(q, tokens)
     starts, firsts = _starts(_rows_of(table), chunk)
     columns = jnp.arange(chunk, dtype=jnp.int32)
 
     def body(carry, start_first):
-        dq, d_table, d_a, d_low_rank = carry
+        dq, d_table, d_a, d_low_rank, d_token_logits = carry
         start, first = start_first
         rows, a_rows, raw, new = _read_chunk(
-            q, low_rank, table, a, start, first, chunk, scale, frozen
+            q, low_rank, table, a, start, first, chunk, scale, frozen, token_columns
         )
         logits = soft_cap(raw, cap)
         probs = jnp.where(new, jnp.exp(logits - lse[:, None]), 0.0)
@@ -298,27 +330,37 @@ def _partial_statistics_bwd(static, residuals, cotangents):
             d_low_rank = d_low_rank + scale * (d_logits @ a_rows)
             d_a_rows = jnp.where(new[:, None], scale * (d_logits.T @ low_rank), 0.0)
             d_a = _add_rows(d_a, start, d_a_rows)
-        return (dq, d_table, d_a, d_low_rank), None
+        if token_columns is not None:  # d_logits is 0 at columns an earlier chunk counted
+            local, inside = _token_columns(token_columns.ids, start, chunk)
+            d_token_logits = d_token_logits + jnp.where(inside, d_logits[:, local], 0.0)
+        return (dq, d_table, d_a, d_low_rank, d_token_logits), None
 
     rank = 0 if b is None else b.shape[0]
+    count = 0 if tokens is None else tokens[0].shape[0]
     init = (
         jnp.zeros_like(q),
         None if frozen else jnp.zeros_like(table, jnp.float32),
         None if a is None else jnp.zeros_like(a, jnp.float32),
         jnp.zeros_like(q, jnp.float32, shape=(q.shape[0], rank)),
+        jnp.zeros_like(q, jnp.float32, shape=(q.shape[0], count)),
     )
-    (dq, d_table, d_a, d_low_rank), _ = jax.lax.scan(body, init, (starts, firsts))
+    (dq, d_table, d_a, d_low_rank, d_token_logits), _ = jax.lax.scan(body, init, (starts, firsts))
     d_b = None
     if b is not None:
         dq = dq + d_low_rank @ b32
         d_b = (d_low_rank.T @ q).astype(b.dtype)
         d_a = d_a.astype(a.dtype)
+    d_tokens = None
+    if tokens is not None:
+        ids, delta = tokens
+        dq = dq + d_token_logits @ delta.astype(jnp.float32)
+        d_tokens = (_zero_cotangent(ids), (d_token_logits.T @ q).astype(delta.dtype))
     labels_cotangent = np.zeros(labels.shape, jax.dtypes.float0)
     if frozen is None:
         d_table = d_table.astype(table.dtype)
     else:  # a frozen table: zero cotangents (float0 for its integer arrays)
         d_table = jax.tree.map(_zero_cotangent, table)
-    return dq, d_table, d_a, d_b, labels_cotangent
+    return dq, d_table, d_a, d_b, d_tokens, labels_cotangent
 
 
 def _rows_of(table: Any) -> int:
@@ -427,6 +469,7 @@ def _setup(
 ) -> _Setup:
     """The checks and preparation of `attend_cross_entropy`, in its order and words."""
     table = _table.view(params)
+    _table.refuse(table, "attend_cross_entropy", tokens=False)
     query = _checks.floating_array("query", query)
     _checks.last_dim("query", query, table.output_dim, "output_dim")
     positions = tuple(query.shape[:-1])

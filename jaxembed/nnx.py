@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -40,6 +41,7 @@ from jaxembed import (
     loss,
     quantization,
     regularizers,
+    trainable_tokens,
     vocabulary,
 )
 
@@ -48,6 +50,8 @@ __all__ = [
     "Quantized",
     "RowGradient",
     "RowIds",
+    "TokenIds",
+    "TrainableTokens",
     "trainable",
 ]
 
@@ -69,10 +73,12 @@ class Embedding(nnx.Module):
     Args:
         input_dim, output_dim, embeddings_initializer, embeddings_regularizer,
         embeddings_constraint, mask_zero, weights, lora_rank, lora_alpha, out_of_range, dtype,
-        param_dtype, quantization, use_rslora, padding_idx: as the linen `jaxembed.Embedding`
-        (Keras's names and defaults). A quantized table is held as `Quantized` variables
-        named as its params keys; `layer.quantize(mode)` quantizes a float layer in place, as
-        Keras's.
+        param_dtype, quantization, use_rslora, padding_idx, num_lora_adapters,
+        trainable_token_ids: as the linen `jaxembed.Embedding` (Keras's names and defaults).
+        A quantized table is held as `Quantized` variables named as its params keys;
+        `layer.quantize(mode)` quantizes a float layer in place, as Keras's. Trainable tokens
+        are a `TrainableTokens` delta (an `nnx.Param`) and `TokenIds`;
+        `layer.enable_trainable_tokens(ids)` adds them to a live layer.
         rngs: `nnx.Rngs`; the "params" stream draws the table and the adapter.
 
     Example:
@@ -101,18 +107,29 @@ class Embedding(nnx.Module):
         quantization: str | None = None,
         use_rslora: bool = False,
         padding_idx: int | None = None,
+        num_lora_adapters: int | None = None,
+        trainable_token_ids: Sequence[int] | None = None,
         rngs: nnx.Rngs,
     ) -> None:
         config = _config.LayerConfig(**_config.select(locals()))
         params = config.initial_params(rngs.params() if weights is None else None)
-        # The weights now live in the table, the rank in the adapter's shape (`lora_rank`)
-        # and the format in the table's arrays (`quantization`), so the config keeps none of
-        # them; `lora_alpha` may change with `enable_lora`.
-        self.config = dataclasses.replace(config, weights=None, lora_rank=None, quantization=None)
+        # The weights now live in the table, the rank and count in the adapter's shape, the
+        # format in the table's arrays and the token ids in a variable, so the config keeps
+        # none of them; `lora_alpha` may change with `enable_lora`.
+        self.config = dataclasses.replace(
+            config,
+            weights=None,
+            lora_rank=None,
+            quantization=None,
+            num_lora_adapters=None,
+            trainable_token_ids=None,
+        )
         self.lora_alpha = config.lora_alpha
         self._set_table(params)
         if lora_rank is not None:
-            self.enable_lora(lora_rank, rngs=rngs)
+            self.enable_lora(lora_rank, num_adapters=num_lora_adapters, rngs=rngs)
+        if config.trainable_token_ids is not None:
+            self.enable_trainable_tokens(config.trainable_token_ids)
 
     def __getattr__(self, name: str) -> Any:
         # The layer's arguments read as attributes (`layer.input_dim`), as on the linen module.
@@ -125,7 +142,19 @@ class Embedding(nnx.Module):
     def lora_rank(self) -> int | None:
         """The adapter's rank, None without an adapter (read from the adapter itself)."""
         adapter = getattr(self, _table.LORA_A, None)
-        return None if adapter is None else int(adapter.shape[1])
+        return None if adapter is None else int(adapter.shape[-1])
+
+    @property
+    def num_lora_adapters(self) -> int | None:
+        """How many stacked adapters; None for one ordinary adapter or none."""
+        adapter = getattr(self, _table.LORA_A, None)
+        return None if adapter is None or adapter.ndim == 2 else int(adapter.shape[0])
+
+    @property
+    def trainable_token_ids(self) -> tuple[int, ...] | None:
+        """The rows trainable tokens train (sorted), None without them."""
+        ids = getattr(self, _table.TOKEN_IDS, None)
+        return None if ids is None else tuple(int(i) for i in jax.device_get(ids[...]))
 
     @property
     def quantization(self) -> str | None:
@@ -137,7 +166,8 @@ class Embedding(nnx.Module):
 
     def params(self) -> functional.Params:
         """The layer's arrays as the plain params dict of the pure functions."""
-        keys = [*self._table_keys(), *(_table.LORA_KEYS if self.lora_rank is not None else ())]
+        optional = (*_table.LORA_KEYS, *_table.TOKEN_KEYS)
+        keys = [*self._table_keys(), *(key for key in optional if key in vars(self))]
         return {key: getattr(self, key)[...] for key in keys}
 
     def _set_table(self, params: functional.Params) -> None:
@@ -145,7 +175,7 @@ class Embedding(nnx.Module):
         variables), replacing the current one."""
         for key in self._table_keys():
             delattr(self, key)
-        table = _table.view(params)
+        table = _table.view(params)  # other entries (adapter, tokens) are ignored here
         for key in table.kind.keys:
             value = params[key]
             if key == _table.EMBEDDINGS:
@@ -177,7 +207,7 @@ class Embedding(nnx.Module):
         )
         size = _table.view(params).input_dim
         self.config = dataclasses.replace(self.config, input_dim=size)
-        self._set_table(_table.without_adapter(params))
+        self._set_table(params)
         if self.lora_rank is not None:
             self._set_adapter(params, None)
 
@@ -188,8 +218,9 @@ class Embedding(nnx.Module):
             raise constraints.refuse_quantized("quantize")
         self._set_table(quantization.quantize(self.params(), mode, block_size=block_size))
 
-    def __call__(self, ids: ArrayLike) -> jax.Array:
-        """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)`."""
+    def __call__(self, ids: ArrayLike, adapter_ids: ArrayLike | None = None) -> jax.Array:
+        """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)`; `adapter_ids`
+        picks each example's adapter among stacked ones (see `jaxembed.apply`)."""
         rows = functional.apply(
             self.params(),
             ids,
@@ -198,8 +229,9 @@ class Embedding(nnx.Module):
             lora_alpha=self.lora_alpha,
             use_rslora=self.config.use_rslora,
             padding_idx=self.config.padding_idx,
+            adapter_ids=adapter_ids,
         )
-        if hasattr(self, "__captures__") and self.lora_rank is None and self.quantization is None:
+        if hasattr(self, "__captures__") and self._table_trains():
             # Under `nnx.capture` (jaxembed.sparse.nnx_value_and_grad): record the ids and
             # perturb the rows, so the step gets the gradient of the rows, not the table's.
             config = self.config
@@ -214,16 +246,27 @@ class Embedding(nnx.Module):
         """`ids != 0` when `mask_zero`, else None."""
         return functional.compute_mask(ids, self.config.mask_zero)
 
+    def _table_trains(self) -> bool:
+        """Whether the table itself trains (no adapter, no trainable tokens, not quantized)."""
+        frozen = (self.lora_rank, self.quantization, self.trainable_token_ids)
+        return all(setting is None for setting in frozen)
+
     def _refuse_row_sparse_tied(self) -> None:
         captures = getattr(self, "__captures__", ())
-        if self.lora_rank is None and any(type(c) is RowGradient for c in captures):
+        if self._table_trains() and any(type(c) is RowGradient for c in captures):
             raise ValueError(
                 "jaxembed.sparse.nnx_value_and_grad: this table is tied (`attend`): the "
                 "logits give it a dense gradient, which a row-sparse update would drop. Train "
                 "tied tables densely or untie them."
             )
 
-    def attend(self, query: ArrayLike, *, logit_soft_cap: float | None = None) -> jax.Array:
+    def attend(
+        self,
+        query: ArrayLike,
+        adapter_ids: ArrayLike | None = None,
+        *,
+        logit_soft_cap: float | None = None,
+    ) -> jax.Array:
         """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`."""
         self._refuse_row_sparse_tied()
         return functional.attend(
@@ -233,6 +276,7 @@ class Embedding(nnx.Module):
             lora_alpha=self.lora_alpha,
             logit_soft_cap=logit_soft_cap,
             use_rslora=self.config.use_rslora,
+            adapter_ids=adapter_ids,
         )
 
     def attend_cross_entropy(
@@ -268,9 +312,11 @@ class Embedding(nnx.Module):
         lora_alpha: float | None = None,
         a_initializer: initializers.InitializerLike = "he_uniform",
         b_initializer: initializers.InitializerLike = "zeros",
+        num_adapters: int | None = None,
         rngs: nnx.Rngs,
     ) -> None:
-        """Adds a LoRA adapter (`nnx.LoRAParam` A and B); the table is frozen from now on.
+        """Adds a LoRA adapter (`nnx.LoRAParam` A and B; `num_adapters` stacked ones); the
+        table is frozen from now on.
 
         Raises:
             ValueError: bad rank or alpha, LoRA already enabled, or an embeddings constraint.
@@ -284,18 +330,43 @@ class Embedding(nnx.Module):
             rank,
             a_initializer=a_initializer,
             b_initializer=b_initializer,
+            num_adapters=num_adapters,
         )
         self._set_adapter(params, lora_alpha)
 
     def _set_adapter(self, params: functional.Params, lora_alpha: float | None) -> None:
-        self.lora_embeddings_a = _variable(
-            nnx.LoRAParam, params[_table.LORA_A], _config.LORA_AXES[_table.LORA_A]
-        )
-        self.lora_embeddings_b = _variable(
-            nnx.LoRAParam, params[_table.LORA_B], _config.LORA_AXES[_table.LORA_B]
-        )
+        stacked = params[_table.LORA_A].ndim == 3
+        for key in _table.LORA_KEYS:
+            axes = _config.lora_axes(key, stacked)
+            setattr(self, key, _variable(nnx.LoRAParam, params[key], axes))
         if lora_alpha is not None:
             self.lora_alpha = lora_alpha
+
+    def enable_trainable_tokens(self, token_ids: ArrayLike | Sequence[int]) -> None:
+        """Makes rows `token_ids` trainable (a `TrainableTokens` delta, zeros, and their
+        `TokenIds`); the table is frozen from now on. See `jaxembed.enable_trainable_tokens`.
+
+        Raises:
+            ValueError: ids that are not distinct rows, tokens already enabled, or an
+                embeddings constraint.
+        """
+        if self.config.embeddings_constraint is not None:
+            raise lora.refuse_constraint("enable_trainable_tokens")
+        params = trainable_tokens.enable_trainable_tokens(self.params(), token_ids)
+        self.trainable_tokens_ids = TokenIds(params[_table.TOKEN_IDS])
+        self.trainable_tokens_delta = _variable(
+            TrainableTokens, params[_table.TOKEN_DELTA], _config.TOKEN_DELTA_AXES
+        )
+
+    def merge_trainable_tokens(self) -> None:
+        """Writes the trained rows into the table (an index update; a quantized table's rows
+        are requantized) and drops the tokens; see `jaxembed.merge_trainable_tokens`."""
+        merged = trainable_tokens.merge_trainable_tokens(self.params())
+        if self.quantization is None:
+            self.embeddings[...] = merged[_table.EMBEDDINGS]  # the same variable, updated
+        else:
+            self._set_table(merged)
+        del self.trainable_tokens_ids, self.trainable_tokens_delta
 
     def _drop_adapter(self) -> None:
         del self.lora_embeddings_a, self.lora_embeddings_b
@@ -334,9 +405,13 @@ class Embedding(nnx.Module):
             True
         """
         arguments = self.config.arguments(
-            lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, quantization=self.quantization
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            quantization=self.quantization,
+            num_lora_adapters=self.num_lora_adapters,
+            trainable_token_ids=self.trainable_token_ids,
         )
-        params = self.params()
+        params = {k: v for k, v in self.params().items() if k != _table.TOKEN_IDS}
         if self.quantization is None:
             return linen.Embedding(**arguments), {"params": params}
         quantized = set(_table.quantized_keys())
@@ -370,16 +445,33 @@ class Embedding(nnx.Module):
         """
         variables = nn.unbox(variables)
         params = {**variables.get("params", variables), **variables.get(linen.QUANTIZED, {})}
-        table = _table.view(params)
+        table = _table.view(_table.without_tokens(params))
         arguments = module._config.arguments(
-            weights=table.dense(), lora_rank=None, quantization=None
+            weights=table.dense(),
+            lora_rank=None,
+            quantization=None,
+            num_lora_adapters=None,
+            trainable_token_ids=None,
         )
         layer = cls(**arguments, rngs=rngs or nnx.Rngs(0))
         if module.quantization is not None:
-            layer._set_table(_table.without_adapter(params))  # the stored arrays, exactly
+            layer._set_table(params)  # the stored arrays, exactly
         if table.adapter is not None:
             layer._set_adapter(params, module.lora_alpha)
+        if module.trainable_token_ids is not None:
+            layer.enable_trainable_tokens(module.trainable_token_ids)
+            layer.trainable_tokens_delta[...] = jnp.asarray(params[_table.TOKEN_DELTA])
         return layer
+
+
+class TrainableTokens(nnx.Param):
+    """Trainable tokens' delta `(K, output_dim)`: an `nnx.Param`, so `wrt=TrainableTokens`
+    trains it alone and `jaxembed.nnx.trainable(model)` includes it (the table beside it is
+    frozen)."""
+
+
+class TokenIds(nnx.Variable):
+    """Trainable tokens' row ids `(K,)` int32: frozen, never an `nnx.Param`."""
 
 
 class Quantized(nnx.Variable):

@@ -144,7 +144,8 @@ def regularization_penalty(params: dict[str, jax.Array], embeddings_regularizer:
     """The penalty of the trainable weights, a scalar to add to the training loss.
 
     As Keras, the penalty covers the trainable weights: the table, or, under LoRA (table
-    frozen), `regularizer(A) + regularizer(B)`. A quantized table without an adapter is
+    frozen), `regularizer(A) + regularizer(B)`, plus `regularizer(delta)` for trainable tokens
+    (the delta alone with a frozen table and no adapter). A quantized table without an adapter is
     penalized on its dequantized values (a constant, since nothing trains it; Keras gives no
     penalty there).
 
@@ -166,7 +167,8 @@ def regularization_penalty(params: dict[str, jax.Array], embeddings_regularizer:
     regularizer = get(embeddings_regularizer)
     if regularizer is None:
         return jnp.zeros((), table.dtype)
-    weights = table.adapter or (table.dense(),)
+    trainable = (*(table.adapter or ()), *(() if table.tokens is None else (table.tokens.delta,)))
+    weights = trainable or (table.dense(),)
     penalties = [_penalty(regularizer, weight) for weight in weights]
     return sum(penalties[1:], start=penalties[0])
 

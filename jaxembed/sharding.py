@@ -130,6 +130,7 @@ def vocab_parallel_apply(
         True
     """
     table = _table.view(params)
+    _table.refuse(table, "vocab_parallel_apply")
     ids = _checks.integer_ids(ids)
     if ids.ndim == 0:
         raise ValueError(
@@ -408,6 +409,7 @@ def vocab_parallel_attend_cross_entropy(
     caller = "vocab_parallel_attend_cross_entropy"
     setup = loss._setup(params, query, labels, **loss._options(locals()))
     table = setup.table
+    _table.refuse(table, caller)
     input_dim = table.input_dim
     mesh = (
         mesh
@@ -438,7 +440,7 @@ def vocab_parallel_attend_cross_entropy(
         offset = jax.lax.axis_index(vocab_axis) * shard_rows
         shard_labels = shard_labels - offset.astype(shard_labels.dtype)
         lse, label_logit, logit_sum = loss._partial_statistics(
-            static, *_varying_alike(shard_query, table_shard, a, b), shard_labels
+            static, *_varying_alike(shard_query, table_shard, a, b), None, shard_labels
         )
         # One pmax and one psum of a few numbers per token combine the shards.
         top = jax.lax.pmax(jax.lax.stop_gradient(lse), vocab_axis)

@@ -78,8 +78,9 @@ def resize(
     """Grows or shrinks the vocabulary: rows appended for new ids, or the last rows dropped.
 
     Every array of the table (a float table, or a quantized table's values, scales and zero
-    points: new rows are quantized in its format) and LoRA's A change together; new rows of A
-    are zeros, so new tokens start without an adapter delta. Old rows are kept bit for bit.
+    points: new rows are quantized in its format) and LoRA's A (each of stacked adapters')
+    change together; new rows of A are zeros, so new tokens start without an adapter delta.
+    Trainable tokens are kept (shrinking refuses to drop one). Old rows are kept bit for bit.
     Works under `jax.jit` with `new_input_dim` static, and on a vocab-sharded table: the mean
     is a reduction over the rows, never a gather of the table (on an Explicit mesh the new
     size must divide over the vocab axis: use `pad_to_multiple_of`).
@@ -122,24 +123,51 @@ def resize(
             f"shrink=True to drop them. Received: new_input_dim={new_input_dim}"
             + (f", pad_to_multiple_of={pad_to_multiple_of}." if pad_to_multiple_of else ".")
         )
+    if size < old and table.tokens is not None:
+        _keep_tokens(table.tokens, size)
     resized = dict(params)
     adapter = table.adapter
+    # Stacked adapters' A is (n, input_dim, rank): its vocabulary is the second axis.
+    a_axis = 0 if adapter is None or adapter.count is None else 1
     if size <= old:
-        for name in (*table.kind.keys, *((LORA_A,) if adapter else ())):
+        for name in table.kind.keys:
             resized[name] = jnp.asarray(params[name])[:size]
+        if adapter is not None:
+            resized[LORA_A] = jax.lax.slice_in_dim(adapter.a, 0, size, axis=a_axis)
         return resized
     rows = _new_rows(table.dense(), size - old, init, key, table.dtype)
     appended = table.kind.encode(table.arrays, rows)
     for name in table.kind.keys:
         resized[name] = _append(jnp.asarray(params[name]), appended[name])
     if adapter is not None:
-        resized[LORA_A] = _append(adapter.a, jnp.zeros((size - old, adapter.rank)))
+        zeros = jnp.zeros((*adapter.a.shape[:a_axis], size - old, adapter.rank), adapter.a.dtype)
+        resized[LORA_A] = _append(adapter.a, zeros, axis=a_axis)
     return resized
 
 
-def _append(array: jax.Array, rows: jax.Array) -> jax.Array:
-    """`array` with `rows` below it, sharded as `array` (padding then writing keeps a
-    vocab-sharded array split over its rows; concatenating would want equal shardings)."""
-    padded = jnp.pad(array, ((0, rows.shape[0]), *((0, 0),) * (array.ndim - 1)))
+def _keep_tokens(tokens: _table.Tokens, size: int) -> None:
+    """Shrinking must not drop a trainable token's row."""
+    if _checks.is_traced(tokens.ids):
+        raise ValueError(
+            "resize cannot shrink params holding trainable tokens under jit (their ids are "
+            "traced, so it cannot check that they survive). Shrink outside jit, or merge or "
+            "remove the tokens first."
+        )
+    largest = int(jnp.max(tokens.ids))
+    if largest >= size:
+        raise ValueError(
+            f"resize would drop trainable token {largest} (new input_dim {size}). Merge or "
+            "remove the trainable tokens first (merge_trainable_tokens), or keep their rows."
+        )
+
+
+def _append(array: jax.Array, rows: jax.Array, axis: int = 0) -> jax.Array:
+    """`array` with `rows` appended along `axis`, sharded as `array` (padding then writing
+    keeps a vocab-sharded array split over its rows; concatenating would want equal
+    shardings)."""
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, rows.shape[axis])
+    padded = jnp.pad(array, widths)
     sharding = jax.typeof(padded).sharding if _mesh.explicit_mesh(padded) else None
-    return padded.at[array.shape[0] :].set(rows.astype(array.dtype), out_sharding=sharding)
+    where = (slice(None),) * axis + (slice(array.shape[axis], None),)
+    return padded.at[where].set(rows.astype(array.dtype), out_sharding=sharding)

@@ -494,6 +494,7 @@ def assign_to_keras(
     """
     _check_layer(layer, "assign_to_keras")
     table = _table.view(params)
+    _table.refuse(table, "assign_to_keras")
     expected = (int(layer.input_dim), int(layer.output_dim))
     if (table.input_dim, table.output_dim) != expected:
         raise ValueError(
@@ -634,6 +635,7 @@ def to_keras(
     del out_of_range, padding_idx  # no Keras counterpart (documented above)
     keras = _keras()
     table = _table.view(params)
+    _table.refuse(table, "to_keras")
     for argument, value, actual in [
         ("input_dim", input_dim, table.input_dim),
         ("output_dim", output_dim, table.output_dim),
@@ -1094,6 +1096,7 @@ def _checked_hint(hint: Any) -> str:
 def _arrays_to_write(params: Params, lora_alpha: float | None, use_rslora: bool) -> list[Any]:
     """The datasets "0", "1", ... Keras's `Embedding.load_own_variables` reads, in order."""
     table = _table.view(params)
+    _table.refuse(table, "write_keras_weights")
     if table.adapter is not None:  # Keras's save merges, its load zeroes A and B: merge here
         alpha = _keras_alpha(table.adapter.rank, lora_alpha, use_rslora)
         params = lora.merge_lora(params, lora_alpha=alpha)

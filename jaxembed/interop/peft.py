@@ -515,7 +515,7 @@ def to_peft(
         )
     rank = int(a.shape[1])
     if any(key in params for key in _table.table_keys()):
-        _table.view(params)  # the table's shape must agree with the adapter's
+        _table.refuse(_table.view(params), "to_peft")  # and the table agrees with the adapter
     module = _check_module(module)
     if lora_alpha is None:
         lora_alpha = rank

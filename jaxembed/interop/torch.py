@@ -236,6 +236,7 @@ def to_torch_state_dict(
         ((10, 4), dtype('float32'))
     """
     table = _table.view(params)
+    _table.refuse(table, "to_torch_state_dict", stacked=False)
     if table.adapter is not None:
         raise ValueError(
             "to_torch_state_dict needs params without a LoRA adapter: an nn.Embedding has no "
