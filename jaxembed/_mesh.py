@@ -24,6 +24,11 @@ def explicit_mesh(*arrays: Any) -> Any:
     return None
 
 
+def own_sharding(array: Any) -> NamedSharding | None:
+    """The array's sharding on an Explicit mesh (to keep it through an update), else None."""
+    return jax.typeof(array).sharding if explicit_mesh(array) else None
+
+
 def _spec(array: Any) -> tuple[SpecEntry, ...]:
     """The array's PartitionSpec from its type, one entry per dimension."""
     spec = tuple(getattr(jax.typeof(array).sharding, "spec", ()) or ())
@@ -43,11 +48,15 @@ def _unless_used(entry: SpecEntry, used: set[str]) -> SpecEntry:
     return None if _axes([entry]) & used else entry
 
 
-def gather_sharding(matrix: jax.Array, ids: jax.Array) -> NamedSharding | None:
+def gather_sharding(
+    matrix: jax.Array, ids: jax.Array, indexed_dims: int = 1
+) -> NamedSharding | None:
     """Output sharding of `matrix[ids]` on an Explicit mesh; None on Auto meshes or one device.
 
     The batch dimensions follow the ids' sharding and the feature dimensions (none for a 1-D
     per-row array such as a scale) the matrix's (unless the ids already use that mesh axis).
+    `indexed_dims`: how many leading dimensions of `matrix` the ids index (2 for stacked
+    adapters' `a[adapter, ids]`).
 
     Example:
         >>> import jax.numpy as jnp, jaxembed
@@ -58,7 +67,7 @@ def gather_sharding(matrix: jax.Array, ids: jax.Array) -> NamedSharding | None:
     if mesh is None:
         return None
     batch = _spec(ids)
-    features = (_unless_used(entry, _axes(batch)) for entry in _spec(matrix)[1:])
+    features = (_unless_used(entry, _axes(batch)) for entry in _spec(matrix)[indexed_dims:])
     return NamedSharding(mesh, PartitionSpec(*batch, *features))
 
 

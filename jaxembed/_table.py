@@ -88,6 +88,7 @@ def take_stacked_rows(a: jax.Array, index: jax.Array, indices: Indices) -> jax.A
         mode=indices.gather_mode,
         fill_value=jnp.nan if indices.fill else None,
         wrap_negative_indices=False,
+        out_sharding=_mesh.gather_sharding(a, ids, indexed_dims=2),
     )
 
 

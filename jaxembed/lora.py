@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from jaxembed import _checks, _paths, _table, initializers
+from jaxembed import _checks, _mesh, _paths, _table, initializers
 from jaxembed._table import LORA_A, LORA_B, LORA_DTYPE, LORA_KEYS, Adapter, Params
 
 __all__ = [
@@ -182,7 +182,7 @@ def add_stacked_delta(
     reads `examples * rank * output_dim` of B, whatever the number of adapters."""
     prefix = choice.index.shape
     examples = math.prod(prefix)
-    b = jnp.where(choice.use[..., None, None], adapter.b[choice.index], 0.0)
+    b = jnp.where(choice.use[..., None, None], _take(adapter.b, choice.index), 0.0)
     per_example = a_rows.reshape(examples, -1, adapter.rank)
     delta = jnp.einsum("ptr,prd->ptd", per_example, b.reshape(examples, *b.shape[-2:]))
     delta = delta.reshape(*rows.shape[:-1], delta.shape[-1])
@@ -200,13 +200,21 @@ def add_stacked_to_logits(
     examples = math.prod(prefix)
     dtype = query.dtype
     use = choice.use.reshape(examples, 1, 1)
-    b = jnp.where(use, adapter.b[choice.index].reshape(examples, adapter.rank, -1), 0.0)
-    a = jnp.where(use, adapter.a[choice.index].reshape(examples, -1, adapter.rank), 0.0)
+    b = jnp.where(use, _take(adapter.b, choice.index).reshape(examples, adapter.rank, -1), 0.0)
+    a = jnp.where(use, _take(adapter.a, choice.index).reshape(examples, -1, adapter.rank), 0.0)
     q = query.reshape(examples, -1, query.shape[-1])
     low_rank = jnp.einsum("ptd,prd->ptr", q, b.astype(dtype))
     delta = jnp.einsum("ptr,pvr->ptv", low_rank, a.astype(dtype)).reshape(logits.shape)
     bad = ~choice.valid.reshape(*prefix, *(1,) * (logits.ndim - len(prefix)))
     return jnp.where(bad, jnp.nan, logits + lora_scale * delta)
+
+
+def _take(stacked: jax.Array, index: jax.Array) -> jax.Array:
+    """`stacked[index]`: each example's adapter matrix (sharded on an Explicit mesh as the
+    index's batch and the matrix's own dimensions)."""
+    return stacked.at[index].get(
+        mode="promise_in_bounds", out_sharding=_mesh.gather_sharding(stacked, index)
+    )
 
 
 def has_lora(params: Params) -> bool:

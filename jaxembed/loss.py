@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _checks, _out_of_range, _table, lora
+from jaxembed import _checks, _out_of_range, _table, lora, trainable_tokens
 
 __all__ = ["attend_cross_entropy", "soft_cap"]
 
@@ -108,7 +108,9 @@ def _read_chunk(q, low_rank, table, a, start, first, chunk, scale, frozen, colum
         )
     if columns is not None:  # trainable tokens: their `q @ delta.T` into their columns here
         local, inside = _token_columns(columns.ids, start, chunk)
-        raw = raw.at[:, local].add(jnp.where(inside, columns.logits, 0.0))
+        raw = trainable_tokens.add_columns(
+            raw, local, jnp.where(inside, columns.logits, 0.0), unique=False
+        )
     new = (start + jnp.arange(chunk, dtype=jnp.int32)) >= first
     return _Chunk(rows, a_rows, raw, new)
 
@@ -332,7 +334,8 @@ def _partial_statistics_bwd(static, residuals, cotangents):
             d_a = _add_rows(d_a, start, d_a_rows)
         if token_columns is not None:  # d_logits is 0 at columns an earlier chunk counted
             local, inside = _token_columns(token_columns.ids, start, chunk)
-            d_token_logits = d_token_logits + jnp.where(inside, d_logits[:, local], 0.0)
+            picked = trainable_tokens.take_columns(d_logits, local)
+            d_token_logits = d_token_logits + jnp.where(inside, picked, 0.0)
         return (dq, d_table, d_a, d_low_rank, d_token_logits), None
 
     rank = 0 if b is None else b.shape[0]

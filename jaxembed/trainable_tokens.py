@@ -176,25 +176,62 @@ def remove_trainable_tokens(params: Params) -> Params:
 def delta_rows(tokens: Tokens, ids: jax.Array) -> jax.Array:
     """`(ids.shape + (output_dim,))` float32: `delta[k]` where `ids == token_ids[k]`, else 0.
 
-    A binary search over the K sorted ids finds each id's candidate; gathering `(K, D)` rows
-    is all the step reads (its gradient is a scatter-add into K rows).
+    A binary search over the K sorted ids finds each id's candidate; gathering those rows of
+    the `(K, D)` delta is all the step reads (its gradient is a scatter-add into K rows).
     """
     token_ids = tokens.ids.astype(ids.dtype)
-    count = token_ids.shape[0]
-    position = jnp.clip(jnp.searchsorted(token_ids, ids), 0, count - 1).astype(jnp.int32)
-    hit = token_ids[position] == ids
+    position = _search(token_ids, ids)
+    hit = _take(token_ids, position) == ids
     rows = _table.take_rows(tokens.delta.astype(TOKEN_DTYPE), Indices(position, fill=False))
     return jnp.where(hit[..., None], rows, 0.0)
+
+
+def _take(values: jax.Array, position: jax.Array) -> jax.Array:
+    """`values[position]` for a small replicated 1-D array, sharded as `position`."""
+    return _table.take_rows(values[:, None], Indices(position, fill=False))[..., 0]
+
+
+def _search(sorted_ids: jax.Array, ids: jax.Array) -> jax.Array:
+    """For each id, the index of the first of `sorted_ids` not below it, clipped to the last:
+    a branch-free binary search of `ceil(log2(K))` elementwise steps, so the result keeps the
+    ids' sharding (`jnp.searchsorted` fails on ids sharded over an Explicit mesh)."""
+    count = sorted_ids.shape[0]
+    below = jnp.zeros_like(ids, jnp.int32)  # how many sorted ids are below each id (sharded alike)
+    step = 1 << max(count - 1, 0).bit_length()
+    while step:
+        candidate = below + step
+        inside = candidate <= count
+        go = inside & (_take(sorted_ids, jnp.minimum(candidate, count) - 1) < ids)
+        below = jnp.where(go, candidate, below)
+        step >>= 1
+    return jnp.minimum(below, count - 1)
 
 
 def add_to_logits(logits: jax.Array, query: jax.Array, tokens: Tokens) -> jax.Array:
     """`logits[..., token_ids] += query @ delta.T`: K columns, never a `(V, D)` table."""
     columns = jnp.einsum("...d,kd->...k", query, tokens.delta.astype(query.dtype))
-    sharding = jax.typeof(logits).sharding if _mesh.explicit_mesh(logits) else None
-    return logits.at[..., tokens.ids].add(
-        columns.astype(logits.dtype),
-        indices_are_sorted=True,
-        unique_indices=True,
+    return add_columns(logits, tokens.ids, columns, unique=True)
+
+
+def add_columns(
+    logits: jax.Array, columns: jax.Array, values: jax.Array, *, unique: bool
+) -> jax.Array:
+    """`logits[..., columns] += values`, sharded as `logits` (`unique`: no column twice)."""
+    return logits.at[..., columns].add(
+        values.astype(logits.dtype),
+        indices_are_sorted=unique,
+        unique_indices=unique,
         mode="promise_in_bounds",
-        out_sharding=sharding,
+        out_sharding=_mesh.own_sharding(logits),
     )
+
+
+def take_columns(logits: jax.Array, columns: jax.Array) -> jax.Array:
+    """`logits[..., columns]`, batch dimensions sharded as `logits`."""
+    sharding = _mesh.own_sharding(logits)
+    if sharding is not None:
+        spec = (*sharding.spec, *(None,) * logits.ndim)[: logits.ndim - 1]
+        sharding = jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(*spec, None)
+        )
+    return logits.at[..., columns].get(mode="promise_in_bounds", out_sharding=sharding)

@@ -168,6 +168,6 @@ def _append(array: jax.Array, rows: jax.Array, axis: int = 0) -> jax.Array:
     widths = [(0, 0)] * array.ndim
     widths[axis] = (0, rows.shape[axis])
     padded = jnp.pad(array, widths)
-    sharding = jax.typeof(padded).sharding if _mesh.explicit_mesh(padded) else None
+    sharding = _mesh.own_sharding(padded)
     where = (slice(None),) * axis + (slice(array.shape[axis], None),)
     return padded.at[where].set(rows.astype(array.dtype), out_sharding=sharding)
