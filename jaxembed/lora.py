@@ -154,20 +154,25 @@ def adapter_choice(adapter_ids: Any, count: int, shape: tuple[int, ...], of: str
         f"`adapter_ids` must lie in [-1, n_adapters) = [-1, {count}) (-1: the base table "
         "alone); got {bad_id}."
     )
-    if isinstance(ids, np.ndarray):
+    if isinstance(ids, np.ndarray):  # exact values, before any narrowing cast
         bad = (ids < -1) | (ids >= count)
         if bad.any():
             raise IndexError(message.format(bad_id=int(ids[bad].flat[0])))
         ids = jnp.asarray(ids.astype(np.int32))
-    ids = ids.astype(jnp.int32) if ids.dtype.itemsize <= 4 else ids
-    valid = (ids >= -1) & (ids < count)
+    # Compared in the ids' own dtype (a uint32 2**32 - 1 must not wrap to -1, the base).
+    info = np.iinfo(ids.dtype)
+    valid = jnp.ones_like(ids, bool) if info.max < count else ids < count
+    if info.min < 0:
+        valid &= ids >= -1
     if _checks.is_traced(ids):
-        smallest_bad = jnp.min(jnp.where(valid, count, ids), initial=count)
+        largest = jnp.asarray(info.max, ids.dtype)
+        smallest_bad = jnp.min(jnp.where(valid, largest, ids), initial=largest)
         checkify.debug_check(jnp.all(valid), message, bad_id=smallest_bad)
     elif not bool(jnp.all(valid)):
         raise IndexError(message.format(bad_id=ids[~valid].ravel()[0].item()))
-    index = jnp.clip(ids, 0, count - 1).astype(jnp.int32)
-    return AdapterChoice(index, ids >= 0, valid)
+    use = valid & (ids >= 0) if info.min < 0 else valid
+    index = jnp.where(use, ids, 0).astype(jnp.int32)
+    return AdapterChoice(index, use, valid)
 
 
 def add_stacked_delta(
@@ -183,7 +188,8 @@ def add_stacked_delta(
     prefix = choice.index.shape
     examples = math.prod(prefix)
     b = jnp.where(choice.use[..., None, None], _take(adapter.b, choice.index), 0.0)
-    per_example = a_rows.reshape(examples, -1, adapter.rank)
+    positions = math.prod(a_rows.shape[len(prefix) : -1])  # no -1: the batch may be empty
+    per_example = a_rows.reshape(examples, positions, adapter.rank)
     delta = jnp.einsum("ptr,prd->ptd", per_example, b.reshape(examples, *b.shape[-2:]))
     delta = delta.reshape(*rows.shape[:-1], delta.shape[-1])
     bad = ~choice.valid.reshape(*prefix, *(1,) * (rows.ndim - len(prefix)))
@@ -200,9 +206,11 @@ def add_stacked_to_logits(
     examples = math.prod(prefix)
     dtype = query.dtype
     use = choice.use.reshape(examples, 1, 1)
-    b = jnp.where(use, _take(adapter.b, choice.index).reshape(examples, adapter.rank, -1), 0.0)
-    a = jnp.where(use, _take(adapter.a, choice.index).reshape(examples, -1, adapter.rank), 0.0)
-    q = query.reshape(examples, -1, query.shape[-1])
+    rank, (input_dim, output_dim) = adapter.rank, (adapter.a.shape[1], adapter.b.shape[2])
+    b = jnp.where(use, _take(adapter.b, choice.index).reshape(examples, rank, output_dim), 0.0)
+    a = jnp.where(use, _take(adapter.a, choice.index).reshape(examples, input_dim, rank), 0.0)
+    positions = math.prod(query.shape[len(prefix) : -1])  # no -1: the batch may be empty
+    q = query.reshape(examples, positions, output_dim)
     low_rank = jnp.einsum("ptd,prd->ptr", q, b.astype(dtype))
     delta = jnp.einsum("ptr,pvr->ptv", low_rank, a.astype(dtype)).reshape(logits.shape)
     bad = ~choice.valid.reshape(*prefix, *(1,) * (logits.ndim - len(prefix)))

@@ -1074,3 +1074,183 @@ class TestQuantize:
             with pytest.raises(ValueError, match="embeddings_scale") as info:
                 jaxembed.apply(params, Q_IDS)
             assert_names(str(info.value), "`params`", str(sorted(params)))
+
+
+# Trainable tokens and stacked adapters share the table above: tokens on rows 1 and 5 with a
+# delta of ones, and three stacked adapters whose B differ (adapter j adds j + 1 per column
+# times A's row sum, so each choice is visible in the output).
+TOKEN_PARAMS = {
+    **PARAMS,
+    "trainable_tokens_ids": jnp.array([1, 5], jnp.int32),
+    "trainable_tokens_delta": jnp.ones((2, D)),
+}
+STACKED_PARAMS = {
+    **PARAMS,
+    "lora_embeddings_a": jnp.ones((3, V, 2)),
+    "lora_embeddings_b": jnp.stack([jnp.full((2, D), j + 1.0) for j in range(3)]),
+}
+TOKEN_ID_DTYPES = (np.int8, np.uint8, np.int32, np.uint32, np.int64, np.uint64)
+
+
+class TestTrainableTokenIds:
+    """`token_ids` of every integer dtype, as lists and arrays; bad ones refused by name."""
+
+    @pytest.mark.parametrize("dtype", TOKEN_ID_DTYPES, ids=lambda t: t.__name__)
+    def test_every_integer_dtype_gives_sorted_int32_ids(self, dtype):
+        params = jaxembed.enable_trainable_tokens(PARAMS, np.array([5, 1], dtype))
+        assert params["trainable_tokens_ids"].dtype == jnp.int32
+        assert params["trainable_tokens_ids"].tolist() == [1, 5]
+
+    @pytest.mark.parametrize(
+        ("token_ids", "named"),
+        [
+            ([1, 1], "distinct"),
+            ([-1], "-1"),
+            ([V], str(V)),
+            (np.array([2**32 + 1], np.int64), str(2**32 + 1)),
+            (np.array([np.iinfo(np.uint64).max], np.uint64), str(np.iinfo(np.uint64).max)),
+            ([], "at least one"),
+            ([[1, 2]], "shape"),
+            ([1.0, 2.0], "dtype float"),
+            ([True, False], "dtype bool"),
+            ("12", "token_ids"),
+        ],
+        ids=str,
+    )
+    def test_bad_token_ids_are_named(self, token_ids, named):
+        with pytest.raises(ValueError, match=r"`token_ids`") as info:
+            jaxembed.enable_trainable_tokens(PARAMS, token_ids)
+        assert named in str(info.value)
+
+    def test_traced_token_ids_are_refused(self):
+        with pytest.raises(ValueError, match=r"`token_ids` must be concrete"):
+            jax.jit(jaxembed.enable_trainable_tokens)(PARAMS, jnp.array([1]))
+
+    @pytest.mark.parametrize("ids", [[5, 1], [1, 1], [1, V]], ids=str)
+    def test_hand_made_params_with_bad_ids_are_refused_eagerly(self, ids):
+        params = {**TOKEN_PARAMS, "trainable_tokens_ids": jnp.array(ids, jnp.int32)}
+        with pytest.raises(ValueError, match="trainable_tokens_ids"):
+            jaxembed.apply(params, np.array([1]))
+
+    @pytest.mark.parametrize("mode", ["eager", "jit"])
+    @pytest.mark.parametrize("dtype", (*UNSIGNED, np.int8, np.int64), ids=lambda t: t.__name__)
+    def test_lookup_ids_of_every_dtype_find_the_tokens(self, dtype, mode):
+        ids = np.array([0, 1, 5, V - 1], dtype)
+        out = np.asarray(run(mode, jaxembed.apply, TOKEN_PARAMS, ids))
+        np.testing.assert_array_equal(out, TABLE[[0, 1, 5, V - 1]] + np.array([[0], [1], [1], [0]]))
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_empty_ids(self, mode):
+        out = run(mode, jaxembed.apply, TOKEN_PARAMS, np.zeros((0, 3), np.int32))
+        chex.assert_shape(out, (0, 3, D))
+
+    @pytest.mark.parametrize(
+        ("change", "named"),
+        [
+            ({"trainable_tokens_delta": jnp.ones((3, D))}, "trainable_tokens_delta"),
+            ({"trainable_tokens_delta": jnp.ones((2, D), jnp.int32)}, "trainable_tokens_delta"),
+            ({"trainable_tokens_ids": jnp.array([1.0, 5.0])}, "trainable_tokens_ids"),
+        ],
+        ids=["rows", "int delta", "float ids"],
+    )
+    def test_misshapen_tokens_are_named(self, change, named):
+        with pytest.raises(ValueError, match=named):
+            jaxembed.apply({**TOKEN_PARAMS, **change}, np.array([1]))
+
+    def test_half_a_pair_is_named(self):
+        params = {k: v for k, v in TOKEN_PARAMS.items() if k != "trainable_tokens_ids"}
+        with pytest.raises(ValueError, match="not its partner"):
+            jaxembed.apply(params, np.array([1]))
+
+    def test_user_params_are_not_mutated(self):
+        before = {k: np.asarray(v).copy() for k, v in TOKEN_PARAMS.items()}
+        jaxembed.merge_trainable_tokens(TOKEN_PARAMS)
+        jaxembed.enable_trainable_tokens(PARAMS, np.array([2]))
+        chex.assert_trees_all_equal({k: np.asarray(v) for k, v in TOKEN_PARAMS.items()}, before)
+
+
+def stacked_apply(params, ids, adapter_ids):
+    return jaxembed.apply(params, ids, adapter_ids=adapter_ids)
+
+
+def stacked_reference(ids, adapter_ids):
+    """Rows of STACKED_PARAMS by hand: row + (j + 1) * 2 for adapter j, the row for -1."""
+    ids, adapter_ids = np.asarray(ids), np.asarray(adapter_ids).astype(np.int64)
+    extra = np.where(adapter_ids >= 0, (adapter_ids + 1) * 2.0, 0.0)
+    return TABLE[ids] + extra.reshape(*adapter_ids.shape, *(1,) * (ids.ndim - adapter_ids.ndim + 1))
+
+
+class TestAdapterIds:
+    """`adapter_ids` of every integer dtype, eager and jitted; out-of-range ones refused (eager)
+    or NaN (jit), never wrapped onto another adapter or onto -1 (the base table)."""
+
+    IDS = np.array([[0, 1], [2, 3], [4, 5]], np.int32)
+
+    @pytest.mark.parametrize("mode", ["eager", "jit"])
+    @pytest.mark.parametrize("dtype", TOKEN_ID_DTYPES, ids=lambda t: t.__name__)
+    def test_every_integer_dtype(self, dtype, mode):
+        adapter_ids = np.array([2, 0, 1], dtype)
+        out = run(mode, stacked_apply, STACKED_PARAMS, self.IDS, adapter_ids)
+        np.testing.assert_allclose(out, stacked_reference(self.IDS, adapter_ids))
+
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            np.array([-2, 0, 0], np.int32),
+            np.array([3, 0, 0], np.int8),
+            np.array([255, 0, 0], np.uint8),
+            np.array([2**32 - 1, 0, 0], np.uint32),
+            np.array([2**32 + 1, 0, 0], np.int64),
+        ],
+        ids=lambda a: f"{a.dtype}_{a[0]}",
+    )
+    def test_out_of_range_eager_names_the_true_id(self, bad):
+        with pytest.raises(IndexError, match=r"`adapter_ids`") as info:
+            jaxembed.apply(STACKED_PARAMS, self.IDS, adapter_ids=bad)
+        assert str(int(bad[0])) in str(info.value)
+
+    @pytest.mark.parametrize(
+        "bad",
+        [np.array([-2, 0, 1], np.int32), np.array([2**32 - 1, 0, 1], np.uint32)],
+        ids=lambda a: str(a.dtype),
+    )
+    def test_out_of_range_under_jit_gives_nan_rows_for_that_example_only(self, bad):
+        out = np.asarray(jax.jit(stacked_apply)(STACKED_PARAMS, self.IDS, jnp.asarray(bad)))
+        assert np.isnan(out[0]).all()
+        np.testing.assert_allclose(out[1:], stacked_reference(self.IDS[1:], bad[1:]))
+        message = checkify_error(stacked_apply, STACKED_PARAMS, self.IDS, jnp.asarray(bad))
+        assert message is not None and "adapter_ids" in message
+
+    @pytest.mark.parametrize(
+        ("adapter_ids", "error"),
+        [
+            (np.array([0.0, 1.0, 2.0]), TypeError),
+            (np.array([True, False, True]), TypeError),
+            (np.array([0, 1]), ValueError),
+            (np.zeros((3, 3), np.int32), ValueError),
+        ],
+        ids=["float", "bool", "short", "too long"],
+    )
+    def test_bad_dtype_or_shape_is_named(self, adapter_ids, error):
+        with pytest.raises(error, match="adapter_ids"):
+            jaxembed.apply(STACKED_PARAMS, self.IDS, adapter_ids=adapter_ids)
+
+    def test_scalar_and_full_shape_adapter_ids(self):
+        for adapter_ids in (np.int32(2), np.full(self.IDS.shape, 1, np.int32)):
+            out = jaxembed.apply(STACKED_PARAMS, self.IDS, adapter_ids=adapter_ids)
+            np.testing.assert_allclose(out, stacked_reference(self.IDS, adapter_ids))
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_empty_batch(self, mode):
+        out = run(
+            mode, stacked_apply, STACKED_PARAMS, np.zeros((0, 4), np.int32), np.zeros(0, np.int32)
+        )
+        chex.assert_shape(out, (0, 4, D))
+
+    def test_missing_or_unexpected_adapter_ids(self):
+        with pytest.raises(ValueError, match="pass `adapter_ids`"):
+            jaxembed.apply(STACKED_PARAMS, self.IDS)
+        with pytest.raises(ValueError, match="adapter_ids"):
+            jaxembed.apply(PARAMS, self.IDS, adapter_ids=np.zeros(3, np.int32))
+        with pytest.raises(ValueError, match="adapter_ids"):
+            jaxembed.attend(PARAMS, np.ones((3, D), np.float32), adapter_ids=np.zeros(3, np.int32))
