@@ -99,7 +99,13 @@ def add_delta(
     Gathering the rows of A first means the `(input_dim, output_dim)` delta `A @ B` is never
     built: the step costs `O(len(ids) * rank * output_dim)` whatever the vocabulary.
     """
-    delta = jnp.einsum("...r,rd->...d", a_rows, b, out_sharding=sharding)
+    if sharding is None:
+        # One 2-D matmul: with several batch axes XLA:CPU differentiates the einsum into a
+        # transposed copy and a slow dot (5-15x slower for (batch, seq) ids).
+        flat = a_rows.reshape(math.prod(a_rows.shape[:-1]), a_rows.shape[-1])
+        delta = (flat @ b).reshape(*a_rows.shape[:-1], b.shape[-1])
+    else:
+        delta = jnp.einsum("...r,rd->...d", a_rows, b, out_sharding=sharding)
     return rows.astype(delta.dtype) + lora_scale * delta
 
 
@@ -199,22 +205,32 @@ def add_stacked_delta(
 def add_stacked_to_logits(
     logits: jax.Array, query: jax.Array, adapter: Adapter, choice: AdapterChoice, lora_scale: float
 ) -> jax.Array:
-    """`logits + lora_scale * (query @ B[adapter].T) @ A[adapter].T` per example: each example
-    gathers its adapter's A `(input_dim, rank)` and B once (memory `examples * input_dim *
-    rank`, independent of the number of adapters)."""
+    """`logits + lora_scale * (query @ B[adapter].T) @ A[adapter].T` per example.
+
+    Each example gathers its adapter's B `(rank, output_dim)`. For A, with fewer examples than
+    adapters each example gathers its `(input_dim, rank)`; otherwise each example's rank-r
+    projection is spread one-hot over the `n * rank` columns of all adapters and contracted
+    with the stacked A once. Either way temp memory is `min(examples, n) * input_dim * rank`
+    at most, beside the logits, and compute is one extra `min(examples, n) * rank`-wide matmul.
+    """
     prefix = choice.index.shape
-    examples = math.prod(prefix)
+    examples, count = math.prod(prefix), adapter.count
     dtype = query.dtype
     use = choice.use.reshape(examples, 1, 1)
     rank, (input_dim, output_dim) = adapter.rank, (adapter.a.shape[1], adapter.b.shape[2])
     b = jnp.where(use, _take(adapter.b, choice.index).reshape(examples, rank, output_dim), 0.0)
-    a = jnp.where(use, _take(adapter.a, choice.index).reshape(examples, input_dim, rank), 0.0)
     positions = math.prod(query.shape[len(prefix) : -1])  # no -1: the batch may be empty
     q = query.reshape(examples, positions, output_dim)
     low_rank = jnp.einsum("ptd,prd->ptr", q, b.astype(dtype))
-    delta = jnp.einsum("ptr,pvr->ptv", low_rank, a.astype(dtype)).reshape(logits.shape)
+    if examples < count:
+        a = jnp.where(use, _take(adapter.a, choice.index).reshape(examples, input_dim, rank), 0)
+        delta = jnp.einsum("ptr,pvr->ptv", low_rank, a.astype(dtype))
+    else:
+        onehot = jax.nn.one_hot(choice.index.reshape(examples), count, dtype=dtype)
+        spread = low_rank[:, :, None, :] * onehot[:, None, :, None]  # (p, t, n, r)
+        delta = jnp.einsum("ptnr,nvr->ptv", spread, adapter.a.astype(dtype))
     bad = ~choice.valid.reshape(*prefix, *(1,) * (logits.ndim - len(prefix)))
-    return jnp.where(bad, jnp.nan, logits + lora_scale * delta)
+    return jnp.where(bad, jnp.nan, logits + lora_scale * delta.reshape(logits.shape))
 
 
 def _take(stacked: jax.Array, index: jax.Array) -> jax.Array:
