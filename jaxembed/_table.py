@@ -527,11 +527,15 @@ def refuse(table: Table, function: str, *, stacked: bool = True, tokens: bool = 
             "adapters. Pick one with `jaxembed.lora.select_adapter(params, index)`."
         )
     if tokens and table.tokens is not None:
-        raise ValueError(
-            f"{function} does not support trainable tokens; params hold "
-            f"{table.tokens.ids.shape[0]}. Merge them first: "
-            "`jaxembed.merge_trainable_tokens(params)`."
-        )
+        raise tokens_unsupported(function, table.tokens.ids.shape[0])
+
+
+def tokens_unsupported(function: str, count: int) -> ValueError:
+    """The error of a function that cannot take trainable tokens (and must not drop them)."""
+    return ValueError(
+        f"{function} does not support trainable tokens; params hold {count}. Merge them "
+        "first: `jaxembed.merge_trainable_tokens(params)`."
+    )
 
 
 def view(params: Any) -> Table:

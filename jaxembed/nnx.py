@@ -455,7 +455,7 @@ class Embedding(nnx.Module):
         )
         layer = cls(**arguments, rngs=rngs or nnx.Rngs(0))
         if module.quantization is not None:
-            layer._set_table(params)  # the stored arrays, exactly
+            layer._set_table(_table.without_tokens(params))  # the stored arrays, exactly
         if table.adapter is not None:
             layer._set_adapter(params, module.lora_alpha)
         if module.trainable_token_ids is not None:

@@ -514,6 +514,9 @@ def to_peft(
             f"rank >= 1. Received: shapes {tuple(a.shape)} and {tuple(b.shape)}."
         )
     rank = int(a.shape[1])
+    present = [params[key] for key in _table.TOKEN_KEYS if key in params]
+    if present:  # a trained delta is never dropped, table or not
+        raise _table.tokens_unsupported("to_peft", len(present[0]))
     if any(key in params for key in _table.table_keys()):
         _table.refuse(_table.view(params), "to_peft")  # and the table agrees with the adapter
     module = _check_module(module)
