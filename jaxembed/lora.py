@@ -22,6 +22,7 @@ Training only the adapter, with no gradient or optimizer state for the table:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -170,7 +171,7 @@ def adapter_choice(adapter_ids: Any, count: int, shape: tuple[int, ...], of: str
     valid = jnp.ones_like(ids, bool) if info.max < count else ids < count
     if info.min < 0:
         valid &= ids >= -1
-    if _checks.is_traced(ids):
+    if _checks.is_traced(ids) or _checks.is_traced(valid):
         largest = jnp.asarray(info.max, ids.dtype)
         smallest_bad = jnp.min(jnp.where(valid, largest, ids), initial=largest)
         checkify.debug_check(jnp.all(valid), message, bad_id=smallest_bad)
@@ -400,11 +401,16 @@ def select_adapter(params: Params, index: int) -> Params:
             "select_adapter needs stacked adapters (A of shape (n, input_dim, rank)); params "
             f"hold one adapter, A of shape {tuple(adapter.a.shape)}."
         )
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < adapter.count:
+    if (
+        isinstance(index, (bool, np.bool_))
+        or not isinstance(index, numbers.Integral)
+        or not 0 <= index < adapter.count
+    ):
         raise ValueError(
             f"`index` must be an int in [0, n_adapters) = [0, {adapter.count}). Received: "
             f"index={_checks.describe(index)}."
         )
+    index = int(index)
     return {**params, LORA_A: adapter.a[index], LORA_B: adapter.b[index]}
 
 

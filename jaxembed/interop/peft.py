@@ -506,6 +506,11 @@ def to_peft(
             f"params hold half a LoRA adapter: {missing[0]!r} is missing. Received: params "
             f"with keys {sorted(params)}."
         )
+    if np.ndim(params[LORA_A]) == 3:
+        raise ValueError(
+            f"to_peft takes one LoRA adapter; params hold {np.shape(params[LORA_A])[0]} stacked "
+            "adapters. Pick one with `jaxembed.lora.select_adapter(params, index)`."
+        )
     a = floating_matrix(as_numpy(params[LORA_A], LORA_A), repr(LORA_A), "(input_dim, rank)")
     b = floating_matrix(as_numpy(params[LORA_B], LORA_B), repr(LORA_B), "(rank, output_dim)")
     if a.shape[1] != b.shape[0] or a.shape[1] == 0:
