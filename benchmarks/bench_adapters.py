@@ -288,18 +288,10 @@ def check_agreement(by_variant, base, ids, query, every, with_base, args) -> lis
 # ----------------------------------------------------------------------------- report
 
 
-def mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     wall = time.perf_counter()
-    meta = common.run_metadata(
-        **{name: getattr(args, name) for name in RECORDED_ARGS},
-        load_average_start=common.load_average(),
-    )
-    print("\n".join(common.header_lines(meta, common.LIBRARIES, load=meta["load_average_start"])))
+    meta = common.start_run(args, RECORDED_ARGS)
     print(
         f"table ({args.vocab}, {args.dim}) float32, rank {args.rank}, {args.num_adapters} "
         f"stacked adapters; apply and gradient on ({args.batch}, {args.seq}) int32 ids, attend "
@@ -338,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{s['min_ms']:.2f}",
                     common.format_ratio(ratio),
                     common.format_ratio(strict),
-                    mib(sections[function][variant].temp_bytes),
+                    common.mib(sections[function][variant].temp_bytes),
                 ]
             )
             if variant not in (ONE, ONE_FLAT):
@@ -362,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\ncompiled temp bytes (memory_analysis) by number of stacked adapters")
     mem_rows = [
-        [name, *(f"{by_fn[f]} ({mib(by_fn[f])})" for f in FUNCTIONS)]
+        [name, *(f"{by_fn[f]} ({common.mib(by_fn[f])})" for f in FUNCTIONS)]
         for name, by_fn in temp.items()
     ]
     print(common.format_table([("adapters", "<10"), *((f, ">26") for f in FUNCTIONS)], mem_rows))
@@ -374,15 +366,14 @@ def main(argv: list[str] | None = None) -> int:
                 # beside the logits, so "flat" allows 1% + 64 KiB.
                 max(counts) <= 1.01 * counts[0] + 64 * 1024,
                 f"{function} temp flat in n, within 1% (n={', '.join(map(str, MEMORY_COUNTS))}): "
-                + ", ".join(mib(c) for c in counts),
+                + ", ".join(common.mib(c) for c in counts),
             )
         )
     lines = common.verdict_lines(checks)
     if args.quick:
         lines.append("(--quick sizes: the target is stated for V=32768, D=1024)")
     print("\n" + "\n".join(lines))
-    meta["load_average_end"] = end_load = common.load_average()
-    print(f"\ntotal {time.perf_counter() - wall:.1f} s; load average {end_load} at end")
+    common.finish_run(meta, wall)
     if args.json:
         common.write_json(
             args.json,

@@ -538,11 +538,7 @@ def verdict(summary: dict[str, Any], args: argparse.Namespace) -> list[str]:
 
 def describe(args: argparse.Namespace) -> dict[str, Any]:
     """Prints what runs where; returns the run's metadata."""
-    meta = common.run_metadata(
-        **{name: getattr(args, name) for name in RECORDED_ARGS},
-        load_average_start=common.load_average(),
-    )
-    print("\n".join(common.header_lines(meta, common.LIBRARIES, load=meta["load_average_start"])))
+    meta = common.start_run(args, RECORDED_ARGS)
     print(
         f"table ({args.vocab}, {args.dim}) float32, LoRA rank {args.rank}, "
         f"lora_alpha {args.lora_alpha:g}, {args.num_ids} int32 ids, "
@@ -570,8 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     report_memory(summary, args)
     lines = verdict(summary, args)
     print("\n" + "\n".join(lines))
-    meta["load_average_end"] = end_load = common.load_average()
-    print(f"\ntotal {time.perf_counter() - wall:.1f} s; load average {end_load} at end")
+    common.finish_run(meta, wall)
     if args.json:
         common.write_json(
             args.json,

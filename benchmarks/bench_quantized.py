@@ -657,11 +657,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    meta = common.run_metadata(
-        **{name: getattr(args, name) for name in RECORDED_ARGS},
-        load_average_start=common.load_average(),
-    )
-    print("\n".join(common.header_lines(meta, common.LIBRARIES, load=meta["load_average_start"])))
+    meta = common.start_run(args, RECORDED_ARGS)
     print(
         f"date {meta['date']}; table ({args.vocab}, {args.dim}), float32 / int8 / int4 / "
         f"int4 block {args.block_size}; {args.num_ids} int32 ids; LoRA rank {args.rank}, "
@@ -718,8 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     verdict = common.verdict_lines(checks)
     print("\n" + "\n".join(verdict))
-    meta["load_average_end"] = end_load = common.load_average()
-    print(f"\ntotal {time.perf_counter() - wall:.0f} s; load average {end_load} at end")
+    common.finish_run(meta, wall)
     if args.quick:
         print("(--quick: a smoke run; its sizes are too small for the targets to mean much)")
     if args.json:

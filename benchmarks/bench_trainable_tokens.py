@@ -233,18 +233,10 @@ def check_agreement(sections: dict[str, dict[str, Stepper]], used: int) -> list[
 # ----------------------------------------------------------------------------- report
 
 
-def mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     wall = time.perf_counter()
-    meta = common.run_metadata(
-        **{name: getattr(args, name) for name in RECORDED_ARGS},
-        load_average_start=common.load_average(),
-    )
-    print("\n".join(common.header_lines(meta, common.LIBRARIES, load=meta["load_average_start"])))
+    meta = common.start_run(args, RECORDED_ARGS)
     print(
         f"table ({args.vocab}, {args.dim}) float32, ids ({args.batch}, {args.seq}) int32 (every "
         f"{TOKEN_EVERY}th a trainable token), K = {', '.join(map(str, args.num_tokens))}; "
@@ -277,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{s['p25_ms']:.2f}-{s['p75_ms']:.2f}",
                     f"{s['min_ms']:.2f}",
                     ratio_text,
-                    mib(stepper.opt_state_bytes),
-                    mib(stepper.temp_bytes),
+                    common.mib(stepper.opt_state_bytes),
+                    common.mib(stepper.temp_bytes),
                 ]
             )
             if name != "full table":
@@ -308,8 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         lines.append("(--quick sizes: the target is stated for V=32768, D=1024)")
     print("\n" + "\n".join(lines))
-    meta["load_average_end"] = end_load = common.load_average()
-    print(f"\ntotal {time.perf_counter() - wall:.1f} s; load average {end_load} at end")
+    common.finish_run(meta, wall)
     if args.json:
         common.write_json(
             args.json,

@@ -216,6 +216,29 @@ def run_metadata(libraries: Sequence[str] = LIBRARIES, **extra: Any) -> dict[str
     return meta
 
 
+def start_run(args: Any, recorded: Sequence[str]) -> dict[str, Any]:
+    """The run's metadata (the `recorded` arguments of `args`, the load average at start),
+    printed as the header every script begins with."""
+    meta = run_metadata(
+        **{name: getattr(args, name) for name in recorded},
+        load_average_start=load_average(),
+    )
+    print("\n".join(header_lines(meta, LIBRARIES, load=meta["load_average_start"])))
+    return meta
+
+
+def finish_run(meta: dict[str, Any], started: float) -> None:
+    """Records the load average at the end in `meta` and prints the total time since
+    `started` (a `time.perf_counter()` reading)."""
+    meta["load_average_end"] = end_load = load_average()
+    print(f"\ntotal {time.perf_counter() - started:.1f} s; load average {end_load} at end")
+
+
+def mib(n: float) -> str:
+    """`n` bytes in MiB, two decimals."""
+    return f"{n / 2**20:.2f} MiB"
+
+
 def write_json(path: str, payload: Any) -> None:
     """Writes `payload` as indented JSON to `path` and says so."""
     with open(path, "w") as f:
