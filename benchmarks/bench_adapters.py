@@ -110,16 +110,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="examples of one query each for the decode-shaped attend (0 skips it)",
     )
     parser.add_argument("--decode-rounds", type=int, default=8, help="timed rounds, decode")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a small run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()),
-    )
-    parser.add_argument("--json", help="also write the figures and samples to this file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    args = common.parse_with_quick(parser, QUICK, argv)
     if args.num_adapters > min(args.batch, args.decode_batch or args.batch):
         parser.error("--num-adapters must be <= --batch and --decode-batch (all are used)")
     return args

@@ -85,16 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds, embedding step")
     parser.add_argument("--head-rounds", type=int, default=10, help="timed rounds, tied head")
     parser.add_argument("--settle", type=float, default=0.05, help="untimed pause per call, s")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a small run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()),
-    )
-    parser.add_argument("--json", help="also write the figures and samples to this file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    args = common.parse_with_quick(parser, QUICK, argv)
     return args
 
 

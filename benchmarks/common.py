@@ -216,6 +216,22 @@ def run_metadata(libraries: Sequence[str] = LIBRARIES, **extra: Any) -> dict[str
     return meta
 
 
+def parse_with_quick(parser: Any, quick: Mapping[str, Any], argv: Sequence[str]) -> Any:
+    """`parser.parse_args(argv)` with `--quick` (and `--json`) added: `--quick` sets the
+    arguments named in `quick` to its values, a small smoke run."""
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run: " + ", ".join(f"{k} {v}" for k, v in quick.items()),
+    )
+    parser.add_argument("--json", help="also write the figures and samples to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in quick.items():
+            setattr(args, name, value)
+    return args
+
+
 def start_run(args: Any, recorded: Sequence[str]) -> dict[str, Any]:
     """The run's metadata (the `recorded` arguments of `args`, the load average at start),
     printed as the header every script begins with."""

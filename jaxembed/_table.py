@@ -450,17 +450,28 @@ def kind_of(params: Mapping[str, Any]) -> TableKind | None:
     return next((kind for kind in KINDS if all(key in params for key in kind.keys)), None)
 
 
-def adapter_of(params: Mapping[str, Any], input_dim: int, output_dim: int) -> Adapter | None:
-    """The LoRA adapter in params, checked against the table's shape; None when there is none."""
-    present = [key for key in LORA_KEYS if key in params]
+def _pair(
+    params: Mapping[str, Any], keys: tuple[str, str], what: str, shapes: tuple[str, str]
+) -> tuple[jax.Array, jax.Array] | None:
+    """The two arrays of `what` under `keys` as JAX arrays, None when neither is there; a
+    ValueError for half a pair."""
+    present = [key for key in keys if key in params]
     if not present:
         return None
     if len(present) == 1:
         raise ValueError(
-            f"params hold {present[0]!r} but not its partner: a LoRA adapter needs both "
-            f"{LORA_A!r} (input_dim, rank) and {LORA_B!r} (rank, output_dim)."
+            f"params hold {present[0]!r} but not its partner: {what} needs both "
+            f"{keys[0]!r} {shapes[0]} and {keys[1]!r} {shapes[1]}."
         )
-    a, b = jnp.asarray(params[LORA_A]), jnp.asarray(params[LORA_B])
+    return jnp.asarray(params[keys[0]]), jnp.asarray(params[keys[1]])
+
+
+def adapter_of(params: Mapping[str, Any], input_dim: int, output_dim: int) -> Adapter | None:
+    """The LoRA adapter in params, checked against the table's shape; None when there is none."""
+    pair = _pair(params, LORA_KEYS, "a LoRA adapter", ("(input_dim, rank)", "(rank, output_dim)"))
+    if pair is None:
+        return None
+    a, b = pair
     single = a.ndim == 2 and b.ndim == 2 and a.shape[0] == input_dim
     single = single and b.shape == (a.shape[1], output_dim)
     stacked = a.ndim == 3 and b.ndim == 3 and a.shape[:2] == (b.shape[0], input_dim)
@@ -488,15 +499,10 @@ def adapter_of(params: Mapping[str, Any], input_dim: int, output_dim: int) -> Ad
 def tokens_of(params: Mapping[str, Any], input_dim: int, output_dim: int) -> Tokens | None:
     """The trainable tokens in params, checked for shapes and dtypes (their values, sorted and
     in range, are checked where they are made: `enable_trainable_tokens`); None if absent."""
-    present = [key for key in TOKEN_KEYS if key in params]
-    if not present:
+    pair = _pair(params, TOKEN_KEYS, "trainable tokens", ("(K,)", "(K, output_dim)"))
+    if pair is None:
         return None
-    if len(present) == 1:
-        raise ValueError(
-            f"params hold {present[0]!r} but not its partner: trainable tokens need both "
-            f"{TOKEN_IDS!r} (K,) and {TOKEN_DELTA!r} (K, output_dim)."
-        )
-    ids, delta = jnp.asarray(params[TOKEN_IDS]), jnp.asarray(params[TOKEN_DELTA])
+    ids, delta = pair
     if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(
             f"params[{TOKEN_IDS!r}] must be a 1-D integer array of row ids. Received: "
