@@ -45,6 +45,16 @@ def host_array(name: str, value: Any, expected: str, error: type[Exception]) -> 
         ) from None
 
 
+def concrete_array(name: str, value: Any, expected: str, fixed_when: str) -> np.ndarray:
+    """`host_array` (errors are ValueErrors) for a value that must be known before tracing:
+    a traced one is refused, saying it is fixed `fixed_when`."""
+    if is_traced(value):
+        raise ValueError(
+            f"`{name}` must be concrete (a list or a NumPy / JAX array), not traced: {fixed_when}."
+        )
+    return host_array(name, value, expected, ValueError)
+
+
 def is_traced(value: Any) -> bool:
     """True when `value` is abstract (inside jit, vmap, grad...), so its values are unknown."""
     return isinstance(value, jax.core.Tracer)

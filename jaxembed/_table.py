@@ -636,13 +636,9 @@ def validated_weights(weights: Any, input_dim: int, output_dim: int, dtype: Any)
         and weights.shape == (input_dim, output_dim)
     ):
         return weights
-    if _checks.is_traced(weights):
-        raise ValueError(
-            "`weights` must be a concrete matrix (a NumPy or JAX array), not a traced value: "
-            "initial weights are fixed when the layer is built."
-        )
     expected = f"a numeric matrix of shape ({input_dim}, {output_dim})"
-    array = _checks.host_array("weights", weights, expected, ValueError)
+    fixed_when = "initial weights are fixed when the layer is built"
+    array = _checks.concrete_array("weights", weights, expected, fixed_when)
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 2:

@@ -56,13 +56,9 @@ def check_token_ids(token_ids: Any, input_dim: int) -> np.ndarray:
         >>> jaxembed.trainable_tokens.check_token_ids([7, 3], 10).tolist()
         [3, 7]
     """
-    if _checks.is_traced(token_ids):
-        raise ValueError(
-            "`token_ids` must be concrete (a list or a NumPy / JAX array), not traced: which "
-            "rows train is fixed before the training step is compiled."
-        )
     expected = f"a 1-D sequence of distinct ints in [0, input_dim) = [0, {input_dim})"
-    ids = _checks.host_array("token_ids", token_ids, expected, ValueError)
+    fixed_when = "which rows train is fixed before the training step is compiled"
+    ids = _checks.concrete_array("token_ids", token_ids, expected, fixed_when)
     if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":
         raise ValueError(
             f"`token_ids` must be {expected}, at least one. Received: token_ids of shape "
