@@ -393,6 +393,8 @@ def value_and_row_grads(
         >>> row_grads.shape
         (1, 3, 4)
     """
+    # Trainable tokens freeze the table: their rows' gradient belongs to the delta.
+    _table.refuse(_table.view(params), "sparse.value_and_row_grads")
     rows = functional.apply(params, ids, out_of_range=out_of_range)
     return jax.value_and_grad(loss_fn, has_aux=has_aux)(rows, *args)
 
@@ -584,7 +586,8 @@ def linen_value_and_grad(
 
 
 def _nnx_sparse_layers(model: Any) -> dict[str, Any]:
-    """Every jaxembed NNX layer in `model` whose table trains (no LoRA adapter), by path."""
+    """Every jaxembed NNX layer in `model` whose table trains (no LoRA adapter, no trainable
+    tokens, not quantized), by path."""
     from flax import nnx
 
     from jaxembed.nnx import Embedding
@@ -592,7 +595,7 @@ def _nnx_sparse_layers(model: Any) -> dict[str, Any]:
     return {
         _SEPARATOR.join(map(str, path)): module
         for path, module in nnx.iter_graph(model)
-        if isinstance(module, Embedding) and module.lora_rank is None
+        if isinstance(module, Embedding) and module._table_trains()
     }
 
 

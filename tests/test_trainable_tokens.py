@@ -1200,3 +1200,26 @@ class TestBadInput:
         adapter_and_tokens = {k: v for k, v in params.items() if k != "embeddings"}
         with pytest.raises(ValueError, match="trainable tokens"):
             to_peft(adapter_and_tokens, tmp_path / "without-table")
+
+
+class TestRowSparseTraining:
+    """Row-sparse training updates a table's rows; with trainable tokens the table is frozen."""
+
+    def test_value_and_row_grads_refuses_tokens(self):
+        with pytest.raises(ValueError, match="value_and_row_grads.*trainable tokens"):
+            jaxembed.sparse.value_and_row_grads(
+                lambda rows: jnp.sum(rows), with_tokens(), jnp.array([1, 2])
+            )
+
+    def test_linen_split_tables_leaves_a_table_with_tokens_in_the_rest(self):
+        module = jaxembed.Embedding(V, D, trainable_token_ids=(3,))
+        params = module.init(jax.random.key(0), jnp.array([1]))["params"]
+        tables, rest = jaxembed.sparse.split_tables(params)
+        assert tables == {}
+        assert rest["embeddings"] is not None
+
+    def test_nnx_tables_skip_a_layer_with_tokens(self):
+        plain = jaxembed.nnx.Embedding(V, D, rngs=nnx.Rngs(0))
+        tokens = jaxembed.nnx.Embedding(V, D, trainable_token_ids=[3], rngs=nnx.Rngs(0))
+        assert len(nnx.state(plain, jaxembed.sparse.nnx_tables(plain))) == 1
+        assert len(nnx.state(tokens, jaxembed.sparse.nnx_tables(tokens))) == 0
