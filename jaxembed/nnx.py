@@ -248,8 +248,8 @@ class Embedding(nnx.Module):
 
     def _table_trains(self) -> bool:
         """Whether the table itself trains (no adapter, no trainable tokens, not quantized)."""
-        frozen = (self.lora_rank, self.quantization, self.trainable_token_ids)
-        return all(setting is None for setting in frozen)
+        tokens = _table.TOKEN_IDS in vars(self)  # not the ids' values: they may be traced
+        return self.lora_rank is None and self.quantization is None and not tokens
 
     def _refuse_row_sparse_tied(self) -> None:
         captures = getattr(self, "__captures__", ())

@@ -1223,3 +1223,11 @@ class TestRowSparseTraining:
         tokens = jaxembed.nnx.Embedding(V, D, trainable_token_ids=[3], rngs=nnx.Rngs(0))
         assert len(nnx.state(plain, jaxembed.sparse.nnx_tables(plain))) == 1
         assert len(nnx.state(tokens, jaxembed.sparse.nnx_tables(tokens))) == 0
+
+    def test_nnx_attend_under_nnx_jit(self):
+        # The layer asks whether its table trains on every attend: without reading the ids'
+        # values, which nnx.jit traces.
+        layer = jaxembed.nnx.Embedding(V, D, trainable_token_ids=[3], rngs=nnx.Rngs(0))
+        query = jnp.ones((2, D))
+        got = nnx.jit(lambda layer, query: layer.attend(query))(layer, query)
+        chex.assert_trees_all_close(got, layer.attend(query))
