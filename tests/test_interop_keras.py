@@ -404,6 +404,23 @@ class TestToKeras:
             np.asarray(layer(IDS)), module.apply({"params": params}, IDS), rtol=1e-6, atol=1e-6
         )
 
+    def test_trainable_tokens_and_stacked_adapters_are_refused(self, tmp_path):
+        """A Keras layer has one adapter and no trainable tokens: never silently dropped."""
+        params = {"embeddings": random_table()}
+        with_tokens = jaxembed.enable_trainable_tokens(params, [3])
+        with pytest.raises(ValueError, match="to_keras does not support trainable tokens"):
+            to_keras(with_tokens)
+        with pytest.raises(ValueError, match="to_keras does not support trainable tokens"):
+            to_keras(params, trainable_token_ids=(3,))  # a linen module's arguments
+        stacked = jaxembed.enable_lora(params, jax.random.key(0), RANK, num_adapters=2)
+        with pytest.raises(ValueError, match="to_keras takes one LoRA adapter.*select_adapter"):
+            to_keras(stacked)
+        with pytest.raises(ValueError, match="to_keras takes one LoRA adapter.*select_adapter"):
+            to_keras(params, num_lora_adapters=2)
+        with pytest.raises(ValueError, match="write_keras_weights does not support trainable"):
+            write_keras_weights(with_tokens, tmp_path / "unused.weights.h5")
+        assert not (tmp_path / "unused.weights.h5").exists()
+
     def test_assign_into_a_model(self):
         model = keras.Sequential(
             [keras.Input((4,), dtype="int32"), keras.layers.Embedding(V, D), keras.layers.Dense(2)]

@@ -574,6 +574,8 @@ def to_keras(
     quantization: str | None = None,
     use_rslora: bool = False,
     padding_idx: int | None = None,
+    num_lora_adapters: int | None = None,
+    trainable_token_ids: Any = None,
     name: str | None = None,
 ) -> Any:
     """A built `keras.layers.Embedding` holding params; the keywords are jaxembed's module
@@ -608,6 +610,8 @@ def to_keras(
             "mixed_float16".
         out_of_range, padding_idx: jaxembed-only options with no Keras counterpart; ignored.
             The padding row is exported as stored, but Keras will train it.
+        num_lora_adapters, trainable_token_ids: must be None (a Keras layer holds one
+            adapter and no trainable tokens): select an adapter, merge the tokens first.
         name: the Keras layer's name.
 
     Returns:
@@ -636,6 +640,13 @@ def to_keras(
     keras = _keras()
     table = _table.view(params)
     _table.refuse(table, "to_keras")
+    if num_lora_adapters is not None:  # a module's arguments: its params may be split
+        raise ValueError(
+            f"to_keras takes one LoRA adapter; the module stacks {num_lora_adapters}. Pick one "
+            "with `jaxembed.lora.select_adapter(params, index)` and drop num_lora_adapters."
+        )
+    if trainable_token_ids is not None:
+        raise _table.tokens_unsupported("to_keras", len(trainable_token_ids))
     for argument, value, actual in [
         ("input_dim", input_dim, table.input_dim),
         ("output_dim", output_dim, table.output_dim),
