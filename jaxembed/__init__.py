@@ -1,5 +1,15 @@
 """jaxembed: Keras 3's `Embedding` layer as pure JAX functions with thin Flax wrappers.
 
+Example:
+    >>> import jax, jax.numpy as jnp, jaxembed
+    >>> ids = jnp.array([[1, 2, 3]])
+    >>> params = jaxembed.init(jax.random.key(0), 1000, 64)  # the pure functions
+    >>> jaxembed.apply(params, ids).shape
+    (1, 3, 64)
+    >>> layer = jaxembed.Embedding(1000, 64)  # the linen module, on the same params
+    >>> bool((layer.apply({"params": params}, ids) == jaxembed.apply(params, ids)).all())
+    True
+
 The public API, re-exported; everything is defined in the modules named beside each group.
 Every submodule is an attribute of the package; `jaxembed.nnx` is imported on first access,
 because importing `flax.nnx` adds over 10% (about 0.1 s) to `import jaxembed`, and so is

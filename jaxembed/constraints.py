@@ -53,6 +53,21 @@ def max_norm(max_value: float = 2.0, axis: int = 0) -> Constraint:
 
     With Keras's default `axis=0` each *column* (one feature over the whole vocabulary) is
     constrained; pass `axis=1` to constrain each token's embedding vector.
+
+    Returns:
+        A `Constraint`: a float `(input_dim, output_dim)` matrix -> the projected matrix, same
+        shape (computed in at least float32; `apply_constraint` casts back to the table's
+        dtype). The other constraints here return the same kind of function.
+
+    Raises:
+        ValueError: a negative or non-finite `max_value`, or an `axis` not 0 or 1 (-1, -2).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> w = jnp.array([[3.0, 4.0], [0.6, 0.8]])
+        >>> projected = jaxembed.constraints.max_norm(2.0, axis=1)(w)
+        >>> jnp.linalg.norm(projected, axis=1).round(4).tolist()
+        [2.0, 1.0]
     """
     max_value = _checks.non_negative_float("max_value", max_value)
     axis = _checks.axis_of_matrix("axis", axis)
@@ -67,7 +82,20 @@ def max_norm(max_value: float = 2.0, axis: int = 0) -> Constraint:
 def min_max_norm(
     min_value: float = 0.0, max_value: float = 1.0, rate: float = 1.0, axis: int = 0
 ) -> Constraint:
-    """Keras `MinMaxNorm`: moves slice norms towards [min_value, max_value] at `rate`."""
+    """Keras `MinMaxNorm`: moves slice norms towards [min_value, max_value] at `rate`.
+
+    Returns a `Constraint` as `max_norm`'s.
+
+    Raises:
+        ValueError: a negative or non-finite bound or rate, or an `axis` not 0 or 1.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> w = jnp.array([[0.3, 0.4], [3.0, 4.0]])
+        >>> projected = jaxembed.constraints.min_max_norm(1.0, 2.0, axis=1)(w)
+        >>> jnp.linalg.norm(projected, axis=1).round(4).tolist()
+        [1.0, 2.0]
+    """
     min_value = _checks.non_negative_float("min_value", min_value)
     max_value = _checks.non_negative_float("max_value", max_value)
     rate = _checks.non_negative_float("rate", rate)
@@ -82,12 +110,30 @@ def min_max_norm(
 
 
 def non_neg() -> Constraint:
-    """Keras `NonNeg`: negative entries become 0."""
+    """Keras `NonNeg`: negative entries become 0 (a `Constraint`, same shape and dtype).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> jaxembed.constraints.non_neg()(jnp.array([[-1.0, 2.0]])).tolist()
+        [[0.0, 2.0]]
+    """
     return lambda w: jnp.maximum(w, 0)
 
 
 def unit_norm(axis: int = 0) -> Constraint:
-    """Keras `UnitNorm`: every slice along `axis` is divided by its L2 norm."""
+    """Keras `UnitNorm`: every slice along `axis` is divided by its L2 norm.
+
+    Returns a `Constraint` as `max_norm`'s.
+
+    Raises:
+        ValueError: an `axis` not 0 or 1 (-1, -2).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> unit = jaxembed.constraints.unit_norm(axis=1)(jnp.array([[3.0, 4.0]]))
+        >>> bool(jnp.allclose(unit, jnp.array([[0.6, 0.8]])))
+        True
+    """
     axis = _checks.axis_of_matrix("axis", axis)
     return lambda w: w / (_EPSILON + _column_norms(w, axis))
 
@@ -125,6 +171,17 @@ def get(identifier: Any) -> Constraint | None:
 def project(constraint: Constraint, matrix: jax.Array) -> jax.Array:
     """`constraint(matrix)` in `matrix`'s dtype, refusing an output of another shape (a user
     callable returning a transposed or broadcastable matrix would silently corrupt the table).
+
+    Raises:
+        ValueError: the constraint returned something other than an array of `matrix`'s
+            shape.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> matrix = jnp.ones((3, 2), jnp.bfloat16)
+        >>> out = jaxembed.constraints.project(jaxembed.constraints.max_norm(1.0), matrix)
+        >>> out.shape, out.dtype
+        ((3, 2), dtype(bfloat16))
     """
     projected = _checks.as_array_or_none(constraint(matrix))
     _checks.callable_output(

@@ -61,6 +61,14 @@ def table_initializer(
     Arguments are validated here, once, and `weights` is copied here (in `param_dtype`, the
     dtype it will be asked for), so later changes to the caller's matrix change nothing.
 
+    Returns:
+        `init_fn(key, shape, dtype)`: a table of `shape` (the `(input_dim, output_dim)` one)
+        in the floating `dtype`.
+
+    Raises:
+        ValueError: as `init` (checked here, once); `init_fn` raises it for a non-floating
+            dtype, or a None key without `weights`.
+
     Example:
         >>> import jax, jaxembed
         >>> init_fn = jaxembed.functional.table_initializer(10, 4, "zeros")
@@ -162,6 +170,11 @@ def check_in_range(ids: ArrayLike, input_dim: int) -> None:
         ids: integer array of any shape (64-bit and unsigned ids are compared exactly).
         input_dim: the vocabulary size.
 
+    Raises:
+        IndexError: an id outside [0, input_dim), for concrete ids.
+        TypeError: non-integer ids.
+        ValueError: a non-positive `input_dim`.
+
     Example:
         >>> import jax.numpy as jnp, jaxembed
         >>> jaxembed.check_in_range(jnp.array([0, 3]), 4)  # passes silently
@@ -221,9 +234,11 @@ def apply(
         Array of shape `ids.shape + (output_dim,)`.
 
     Raises:
-        TypeError: non-integer ids. IndexError: an out-of-range id under "error", or an
-            adapter id out of range. ValueError: `adapter_ids` missing for stacked adapters,
-            given without them, or misshapen.
+        TypeError: non-integer ids.
+        IndexError: an out-of-range id under "error", or an adapter id out of range (for
+            concrete ids).
+        ValueError: malformed params or a bad option; `adapter_ids` missing for stacked
+            adapters, given without them, or misshapen.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed
@@ -297,6 +312,10 @@ def compute_mask(ids: ArrayLike, mask_zero: bool) -> jax.Array | None:
     Returns:
         A bool array shaped like `ids` (True = real token), or None when `mask_zero` is False.
 
+    Raises:
+        TypeError: non-integer ids.
+        ValueError: a `mask_zero` that is not a bool.
+
     Example:
         >>> import jax.numpy as jnp, jaxembed
         >>> jaxembed.compute_mask(jnp.array([[3, 0]]), mask_zero=True).tolist()
@@ -334,7 +353,13 @@ def attend(
         adapter_ids: as `apply`'s, shaped as a prefix of `query.shape[:-1]`.
 
     Returns:
-        `query @ embeddings.T`, shape `(..., input_dim)`.
+        `query @ embeddings.T`, shape `(..., input_dim)`, in `dtype`.
+
+    Raises:
+        TypeError: a non-floating query.
+        ValueError: malformed params, a query whose last dimension is not `output_dim`, a bad
+            option, or `adapter_ids` as in `apply`.
+        IndexError: an adapter id out of range (for concrete ids).
 
     For a cross-entropy loss over these logits, `jaxembed.attend_cross_entropy` computes the
     same numbers without ever holding the `(..., input_dim)` logits.

@@ -50,6 +50,17 @@ of "params" (whose gradient a train step takes), as flax keeps "batch_stats" out
 class Embedding(nn.Module):
     """Keras's `Embedding` as a `flax.linen.Module`, with Keras's argument names and defaults.
 
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxembed
+        >>> layer = jaxembed.Embedding(1000, 64, mask_zero=True)
+        >>> ids = jnp.array([[5, 7, 0]])
+        >>> variables = layer.init(jax.random.key(0), ids)
+        >>> out = layer.apply(variables, ids)
+        >>> out.shape, out.dtype
+        ((1, 3, 64), dtype('float32'))
+        >>> layer.compute_mask(ids).tolist()
+        [[True, True, False]]
+
     Attributes:
         input_dim: vocabulary size (largest id + 1).
         output_dim: embedding dimension.
@@ -90,6 +101,12 @@ class Embedding(nn.Module):
     arrays ("embeddings_int8" or "embeddings_int4", "embeddings_scale", "embeddings_zero")
     live in the "quantized" collection, values on ("vocab", "embed"), scales and zero points
     on "vocab".
+
+    Raises:
+        ValueError: an invalid argument, at construction (as Keras checks them): a
+            non-positive dimension, an unknown initializer, regularizer or constraint name,
+            `weights` of the wrong shape or not real numbers, a bad LoRA or quantization
+            option.
     """
 
     input_dim: int
@@ -103,6 +120,9 @@ class Embedding(nn.Module):
     lora_alpha: float | None = None
     out_of_range: str = "error"
     dtype: DTypeLike | None = None
+    # Documented under Attributes above; its default (a class, `jnp.float32`) would otherwise
+    # get a second "alias of" entry from Sphinx's autodoc.
+    #: :meta private:
     param_dtype: DTypeLike = jnp.float32
     quantization: str | None = None
     use_rslora: bool = False
@@ -120,6 +140,7 @@ class Embedding(nn.Module):
         super().__post_init__()
 
     def setup(self) -> None:
+        """Declares the variables (flax calls it; not meant to be called directly)."""
         fmt = quantization.parse_format(self.quantization, self.output_dim)
         if fmt is None:
             init_fn = self._config.table_initializer()
@@ -184,8 +205,21 @@ class Embedding(nn.Module):
         return {**self.table, **self.adapter, **self.tokens}
 
     def __call__(self, ids: ArrayLike, adapter_ids: ArrayLike | None = None) -> jax.Array:
-        """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)`; `adapter_ids`
-        picks each example's adapter when `num_lora_adapters` is set."""
+        """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)` in `dtype` (None:
+        `param_dtype`, float32 for a quantized table); `adapter_ids` picks each example's
+        adapter when `num_lora_adapters` is set.
+
+        Raises:
+            TypeError, IndexError, ValueError: as `jaxembed.apply`.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxembed
+            >>> layer = jaxembed.Embedding(10, 4, dtype=jnp.bfloat16)
+            >>> variables = layer.init(jax.random.key(0), jnp.arange(3))
+            >>> out = layer.apply(variables, jnp.array([[1, 2]]))
+            >>> out.shape, out.dtype
+            ((1, 2, 4), dtype(bfloat16))
+        """
         params = self._params()
         if self.embeddings_regularizer is not None:
             # Overwrite rather than append: one penalty per layer however often it is called.
@@ -208,7 +242,16 @@ class Embedding(nn.Module):
         )
 
     def compute_mask(self, ids: ArrayLike) -> jax.Array | None:
-        """`ids != 0` when `mask_zero`, else None."""
+        """`ids != 0` (bool, shaped like `ids`) when `mask_zero`, else None; needs no variables.
+
+        Raises:
+            TypeError: non-integer ids.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxembed
+            >>> jaxembed.Embedding(10, 4, mask_zero=True).compute_mask(jnp.array([3, 0])).tolist()
+            [True, False]
+        """
         return functional.compute_mask(ids, self.mask_zero)
 
     def attend(
@@ -218,7 +261,19 @@ class Embedding(nn.Module):
         *,
         logit_soft_cap: float | None = None,
     ) -> jax.Array:
-        """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`."""
+        """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`, in
+        `dtype` (None: query and table promoted); see `jaxembed.attend`.
+
+        Raises:
+            TypeError, IndexError, ValueError: as `jaxembed.attend`.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxembed
+            >>> layer = jaxembed.Embedding(10, 4)
+            >>> variables = layer.init(jax.random.key(0), jnp.arange(3))
+            >>> layer.apply(variables, jnp.ones((2, 4)), method="attend").shape
+            (2, 10)
+        """
         return functional.attend(
             self._params(),
             query,
@@ -234,7 +289,22 @@ class Embedding(nn.Module):
     ) -> jax.Array:
         """Cross-entropy of the tied logits against `labels`, never materializing the logits:
         `jaxembed.attend_cross_entropy` (keywords `where`, `logit_soft_cap`, `reduction`, ...)
-        with this layer's params, `lora_alpha` and `dtype`."""
+        with this layer's params, `lora_alpha` and `dtype`: query `(..., output_dim)`, integer
+        labels `query.shape[:-1]`, a float32 scalar (per-position losses with
+        `reduction="none"`).
+
+        Raises:
+            TypeError, IndexError, ValueError: as `jaxembed.attend_cross_entropy`.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxembed
+            >>> layer = jaxembed.Embedding(10, 4)
+            >>> variables = layer.init(jax.random.key(0), jnp.arange(3))
+            >>> query, labels = jnp.ones((2, 4)), jnp.array([1, 9])
+            >>> loss = layer.apply(variables, query, labels, method="attend_cross_entropy")
+            >>> loss.shape, loss.dtype
+            ((), dtype('float32'))
+        """
         return loss.attend_cross_entropy(
             self._params(),
             query,
@@ -257,6 +327,10 @@ def quantize_variables(
 
     Logically partitioned tables stay partitioned: values on the table's axes, scales and zero
     points on its first ("vocab") axis.
+
+    Raises:
+        ValueError: no jaxembed table in `variables["params"]`, or what `jaxembed.quantize`
+            raises (unknown mode, bad block size, odd `output_dim` for int4).
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed
@@ -320,6 +394,10 @@ def resize_variables(
     the table or quantized arrays, and LoRA's A); apply them with
     `module.clone(input_dim=<the new size>)`. Logically partitioned arrays stay partitioned.
 
+    Raises:
+        ValueError: what `jaxembed.resize` raises (e.g. shrinking without `shrink=True`, or
+            trainable tokens beyond the new size).
+
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed
         >>> module = jaxembed.Embedding(100, 8, lora_rank=2)
@@ -362,7 +440,8 @@ def resize_variables(
 
 
 def losses(variables: Any) -> jax.Array:
-    """Sum of everything sown into the "losses" collection (0.0 when there is none).
+    """Sum of everything sown into the "losses" collection (0.0 when there is none): a
+    float32 scalar (the penalties' dtype, promoted).
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed

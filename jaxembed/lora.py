@@ -245,6 +245,9 @@ def _take(stacked: jax.Array, index: jax.Array) -> jax.Array:
 def has_lora(params: Params) -> bool:
     """True when params hold a LoRA adapter (both A and B, checked against the table).
 
+    Raises:
+        ValueError: malformed params (half an adapter, or A and B not matching the table).
+
     Example:
         >>> import jax, jaxembed
         >>> jaxembed.lora.has_lora(jaxembed.init(jax.random.key(0), 10, 4))
@@ -258,6 +261,9 @@ def adapter_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """{"lora_embeddings_a": (input_dim, rank), "lora_embeddings_b": (rank, output_dim)}, with
     a leading `num_adapters` axis for stacked adapters.
+
+    Raises:
+        ValueError: a dimension, rank or `num_adapters` that is not a positive int.
 
     Example:
         >>> import jaxembed
@@ -283,6 +289,10 @@ def adapter_initializers(
     """{name: (key, shape, dtype) -> matrix} for A and B, Keras's defaults. With
     `num_adapters=n` the shapes have a leading adapter axis and each adapter is drawn
     separately (so "he_uniform" keeps fan_in = input_dim).
+
+    Raises:
+        ValueError: an unknown initializer name, or a `num_adapters` that is not a positive
+            int.
 
     Example:
         >>> import jax, jaxembed
@@ -322,6 +332,9 @@ def init_lora(
     A's default "he_uniform" has fan_in = input_dim and B starts at zero, so a fresh adapter
     leaves the layer's output unchanged.
 
+    Raises:
+        ValueError: as `adapter_shapes` and `adapter_initializers`.
+
     Example:
         >>> import jax, jaxembed
         >>> adapter = jaxembed.lora.init_lora(jax.random.key(0), 100, 8, rank=4)
@@ -349,6 +362,10 @@ def stack_adapters(adapters: Sequence[Params]) -> Params:
     Returns:
         {"lora_embeddings_a": (n, input_dim, rank), "lora_embeddings_b": (n, rank,
         output_dim)}; merge it into params with `{**params, **stacked}`.
+
+    Raises:
+        ValueError: an empty list, an entry without A and B (or not one 2-D adapter), or
+            adapters of different shapes.
 
     Example:
         >>> import jax, jaxembed
@@ -387,6 +404,10 @@ def stack_adapters(adapters: Sequence[Params]) -> Params:
 def select_adapter(params: Params, index: int) -> Params:
     """Params with stacked adapters reduced to adapter `index` (an ordinary adapter), e.g. to
     merge it or export it.
+
+    Raises:
+        ValueError: params without stacked adapters, or `index` not an int in
+            `[0, n_adapters)`.
 
     Example:
         >>> import jax, jaxembed
@@ -517,6 +538,10 @@ def merge_lora(
         The merged table, stored as the input's (or float32 with `requantize=False`), plus any
         other entries of params, without the adapter.
 
+    Raises:
+        ValueError: params without an adapter, with stacked adapters (pick one with
+            `select_adapter`), or (`safe_merge`, concrete params) a non-finite merged table.
+
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed
         >>> params = jaxembed.enable_lora(jaxembed.init(jax.random.key(0), 10, 4),
@@ -569,6 +594,14 @@ def unmerge_lora(
         adapter: the {"lora_embeddings_a", "lora_embeddings_b"} that were merged.
         lora_alpha, use_rslora: the scale they were merged with.
 
+    Returns:
+        The table as before the merge, in its dtype (a quantized table requantized), with the
+        adapter beside it.
+
+    Raises:
+        ValueError: params that still hold an adapter, or an `adapter` without A and B or not
+            matching the table.
+
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed
         >>> base = jaxembed.init(jax.random.key(0), 10, 4)
@@ -596,6 +629,9 @@ def unmerge_lora(
 def remove_lora(params: Params) -> Params:
     """Takes an unmerged adapter off, discarding it: the base params as before `enable_lora`.
 
+    Raises:
+        ValueError: params without an adapter.
+
     Example:
         >>> import jax, jaxembed
         >>> params = jaxembed.enable_lora(jaxembed.init(jax.random.key(0), 10, 4),
@@ -618,6 +654,12 @@ def trainable_labels(tree: Any, *, adapters_only: bool = False) -> Any:
 
     Works on any params pytree: one jaxembed layer's dict, or a whole Flax model (linen
     variables, boxed or not, or an `nnx.State`) holding jaxembed layers beside other layers.
+
+    Returns:
+        A pytree of `tree`'s structure with a string label for each leaf.
+
+    Raises:
+        ValueError: an `adapters_only` that is not a bool.
 
     Example:
         >>> import jax, jaxembed
@@ -646,6 +688,9 @@ def split_trainable(tree: Any, *, adapters_only: bool = False) -> tuple[Any, Any
     Differentiate and optimize only the trainable half: the frozen leaves then get no
     gradient and no optimizer state at all.
 
+    Raises:
+        ValueError: an `adapters_only` that is not a bool.
+
     Example:
         >>> import jax, jaxembed
         >>> params = jaxembed.enable_lora(jaxembed.init(jax.random.key(0), 10, 4),
@@ -661,7 +706,16 @@ def split_trainable(tree: Any, *, adapters_only: bool = False) -> tuple[Any, Any
 
 
 def combine(trainable: Any, frozen: Any) -> Any:
-    """Inverse of `split_trainable`: takes each leaf from whichever half holds it."""
+    """Inverse of `split_trainable`: takes each leaf from whichever half holds it.
+
+    Example:
+        >>> import jax, jaxembed
+        >>> params = jaxembed.enable_lora(jaxembed.init(jax.random.key(0), 10, 4),
+        ...                               jax.random.key(1), rank=2)
+        >>> joined = jaxembed.lora.combine(*jaxembed.lora.split_trainable(params))
+        >>> all(joined[key] is params[key] for key in params)
+        True
+    """
     return jax.tree.map(
         lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
     )

@@ -41,7 +41,17 @@ float32 rows per chunk."""
 
 
 def soft_cap(logits: jax.Array, logit_soft_cap: float | None) -> jax.Array:
-    """`c * tanh(logits / c)` (Gemma 2's logit soft-capping), or `logits` when `c` is None."""
+    """`c * tanh(logits / c)` (Gemma 2's logit soft-capping), or `logits` when `c` is None.
+
+    Elementwise: the output has the shape and dtype of the floating `logits`. The value is not
+    checked here (`attend` and `attend_cross_entropy` refuse a non-positive `c`).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> capped = jaxembed.loss.soft_cap(jnp.array([0.0, 1e6]), 30.0)
+        >>> capped.tolist()
+        [0.0, 30.0]
+    """
     if logit_soft_cap is None:
         return logits
     return logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
@@ -214,6 +224,12 @@ def attend_cross_entropy(
 
     Returns:
         A float32 scalar, or `query.shape[:-1]` losses with reduction="none".
+
+    Raises:
+        TypeError: a non-floating query, or non-integer labels.
+        ValueError: malformed params or stacked adapters, a query whose last dimension is not
+            `output_dim`, labels or `where` not shaped `query.shape[:-1]`, or a bad option.
+        IndexError: an out-of-range label under "error", for concrete labels.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,27 +68,56 @@ def _variable(kind: type[nnx.Variable], value: jax.Array, axes: tuple[Any, ...])
     return kind(value, out_sharding=axes, eager_sharding=eager)
 
 
+class _InitSignature:
+    """`inspect.signature(cls)` of an NNX module class: its `__init__`'s, without `self`.
+
+    On an instance it is None, so that `inspect.signature(layer)` stays `__call__`'s.
+    """
+
+    def __get__(self, instance: Any, owner: type) -> inspect.Signature | None:
+        if instance is not None:
+            return None
+        signature = inspect.signature(owner.__init__)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
 class Embedding(nnx.Module):
     """Keras's `Embedding` as a `flax.nnx.Module`; same arguments as `jaxembed.Embedding`.
 
-    Args:
-        input_dim, output_dim, embeddings_initializer, embeddings_regularizer,
-        embeddings_constraint, mask_zero, weights, lora_rank, lora_alpha, out_of_range, dtype,
-        param_dtype, quantization, use_rslora, padding_idx, num_lora_adapters,
-        trainable_token_ids: as the linen `jaxembed.Embedding` (Keras's names and defaults).
-        A quantized table is held as `Quantized` variables named as its params keys;
-        `layer.quantize(mode)` quantizes a float layer in place, as Keras's. Trainable tokens
-        are a `TrainableTokens` delta (an `nnx.Param`) and `TokenIds`;
-        `layer.enable_trainable_tokens(ids)` adds them to a live layer.
-        rngs: `nnx.Rngs`; the "params" stream draws the table and the adapter.
-
     Example:
+        >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> import jaxembed.nnx
         >>> layer = jaxembed.nnx.Embedding(100, 8, lora_rank=4, rngs=nnx.Rngs(0))
-        >>> type(layer.lora_embeddings_a).__name__
-        'LoRAParam'
+        >>> out = layer(jnp.array([[1, 2, 3]]))
+        >>> out.shape, out.dtype, type(layer.lora_embeddings_a).__name__
+        ((1, 3, 8), dtype('float32'), 'LoRAParam')
+
+    Args:
+        input_dim: vocabulary size (largest id + 1).
+        output_dim: embedding dimension.
+        rngs: `nnx.Rngs`; its "params" stream draws the table and the adapter.
+
+    The other keywords (`embeddings_initializer`, `embeddings_regularizer`,
+    `embeddings_constraint`, `mask_zero`, `weights`, `lora_rank`, `lora_alpha`, `out_of_range`,
+    `dtype`, `param_dtype`, `quantization`, `use_rslora`, `padding_idx`, `num_lora_adapters`,
+    `trainable_token_ids`) are the linen `jaxembed.Embedding`'s attributes: Keras's names and
+    defaults, read back as attributes (`layer.input_dim`). A quantized table is held as
+    `Quantized` variables named as its params keys; `layer.quantize(mode)` quantizes a float
+    layer in place, as Keras's. Trainable tokens are a `TrainableTokens` delta (an
+    `nnx.Param`) and `TokenIds`; `layer.enable_trainable_tokens(ids)` adds them to a live
+    layer.
+
+    Raises:
+        ValueError: an invalid argument, at construction (as Keras checks them): a
+            non-positive dimension, an unknown initializer, regularizer or constraint name,
+            `weights` of the wrong shape or not real numbers, a bad LoRA or quantization
+            option.
     """
+
+    # flax.nnx's metaclass defines `__call__(cls, *args, **kwargs)`, which `inspect.signature`
+    # (so `help()` and Sphinx) reports for the class ahead of `__init__`: show `__init__`'s.
+    __signature__ = _InitSignature()
 
     def __init__(
         self,
@@ -140,32 +170,72 @@ class Embedding(nnx.Module):
 
     @property
     def lora_rank(self) -> int | None:
-        """The adapter's rank, None without an adapter (read from the adapter itself)."""
+        """The adapter's rank, None without an adapter (read from the adapter itself).
+
+        Example:
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> jaxembed.nnx.Embedding(10, 4, lora_rank=2, rngs=nnx.Rngs(0)).lora_rank
+            2
+        """
         adapter = getattr(self, _table.LORA_A, None)
         return None if adapter is None else int(adapter.shape[-1])
 
     @property
     def num_lora_adapters(self) -> int | None:
-        """How many stacked adapters; None for one ordinary adapter or none."""
+        """How many stacked adapters; None for one ordinary adapter or none.
+
+        Example:
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> jaxembed.nnx.Embedding(10, 4, lora_rank=2, num_lora_adapters=3,
+            ...                        rngs=nnx.Rngs(0)).num_lora_adapters
+            3
+        """
         adapter = getattr(self, _table.LORA_A, None)
         return None if adapter is None or adapter.ndim == 2 else int(adapter.shape[0])
 
     @property
     def trainable_token_ids(self) -> tuple[int, ...] | None:
-        """The rows trainable tokens train (sorted), None without them."""
+        """The rows trainable tokens train (sorted), None without them.
+
+        Example:
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> jaxembed.nnx.Embedding(10, 4, trainable_token_ids=[7, 2],
+            ...                        rngs=nnx.Rngs(0)).trainable_token_ids
+            (2, 7)
+        """
         ids = getattr(self, _table.TOKEN_IDS, None)
         return None if ids is None else tuple(int(i) for i in jax.device_get(ids[...]))
 
     @property
     def quantization(self) -> str | None:
-        """ "int8", "int4", "int4/128"...: the table's format; None for a float table."""
+        """ "int8", "int4", "int4/128"...: the table's format; None for a float table.
+
+        Example:
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> jaxembed.nnx.Embedding(10, 4, quantization="int8", rngs=nnx.Rngs(0)).quantization
+            'int8'
+        """
         return quantization.quantization_format(self.params())
 
     def _table_keys(self) -> list[str]:
         return [key for key in vars(self) if key in _table.table_keys()]
 
     def params(self) -> functional.Params:
-        """The layer's arrays as the plain params dict of the pure functions."""
+        """The layer's arrays as the plain params dict of the pure functions (the table
+        `(input_dim, output_dim)` under "embeddings", or a quantized table's arrays, and any
+        adapter or trainable tokens), ready for `jaxembed.apply` and the others.
+
+        Example:
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> layer = jaxembed.nnx.Embedding(10, 4, lora_rank=2, rngs=nnx.Rngs(0))
+            >>> {key: value.shape for key, value in layer.params().items()}
+            {'embeddings': (10, 4), 'lora_embeddings_a': (10, 2), 'lora_embeddings_b': (2, 4)}
+        """
         optional = (*_table.LORA_KEYS, *_table.TOKEN_KEYS)
         keys = [*self._table_keys(), *(key for key in optional if key in vars(self))]
         return {key: getattr(self, key)[...] for key in keys}
@@ -195,7 +265,19 @@ class Embedding(nnx.Module):
     ) -> None:
         """Grows or shrinks the vocabulary in place (table, quantized arrays and LoRA's A);
         see `jaxembed.resize`. `rngs` draws new rows for `init="covariance"` or an
-        initializer."""
+        initializer.
+
+        Raises:
+            ValueError: as `jaxembed.resize`.
+
+        Example:
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> layer = jaxembed.nnx.Embedding(10, 4, rngs=nnx.Rngs(0))
+            >>> layer.resize(16)
+            >>> layer.input_dim, layer.embeddings.shape
+            (16, (16, 4))
+        """
         key = None if rngs is None else rngs.params()
         params = vocabulary.resize(
             self.params(),
@@ -213,14 +295,40 @@ class Embedding(nnx.Module):
 
     def quantize(self, mode: str, *, block_size: int | None = None) -> None:
         """Quantizes the float table in place (as Keras's `layer.quantize(mode)`); see
-        `jaxembed.quantize`. An adapter stays as it is (QLoRA)."""
+        `jaxembed.quantize`. An adapter stays as it is (QLoRA).
+
+        Raises:
+            ValueError: as `jaxembed.quantize`, or a layer with an embeddings constraint.
+
+        Example:
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> layer = jaxembed.nnx.Embedding(10, 4, rngs=nnx.Rngs(0))
+            >>> layer.quantize("int8")
+            >>> layer.quantization, layer.embeddings_int8.dtype
+            ('int8', dtype('int8'))
+        """
         if self.config.embeddings_constraint is not None:
             raise constraints.refuse_quantized("quantize")
         self._set_table(quantization.quantize(self.params(), mode, block_size=block_size))
 
     def __call__(self, ids: ArrayLike, adapter_ids: ArrayLike | None = None) -> jax.Array:
-        """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)`; `adapter_ids`
-        picks each example's adapter among stacked ones (see `jaxembed.apply`)."""
+        """Embeds `ids` (any integer shape) -> `ids.shape + (output_dim,)` in `dtype` (None:
+        `param_dtype`, float32 for a quantized table); `adapter_ids` picks each example's
+        adapter among stacked ones (see `jaxembed.apply`).
+
+        Raises:
+            TypeError, IndexError, ValueError: as `jaxembed.apply`.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> layer = jaxembed.nnx.Embedding(10, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+            >>> out = layer(jnp.array([[1, 2]]))
+            >>> out.shape, out.dtype
+            ((1, 2, 4), dtype(bfloat16))
+        """
         rows = functional.apply(
             self.params(),
             ids,
@@ -243,7 +351,19 @@ class Embedding(nnx.Module):
         return rows
 
     def compute_mask(self, ids: ArrayLike) -> jax.Array | None:
-        """`ids != 0` when `mask_zero`, else None."""
+        """`ids != 0` (bool, shaped like `ids`) when `mask_zero`, else None.
+
+        Raises:
+            TypeError: non-integer ids.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> layer = jaxembed.nnx.Embedding(10, 4, mask_zero=True, rngs=nnx.Rngs(0))
+            >>> layer.compute_mask(jnp.array([3, 0])).tolist()
+            [True, False]
+        """
         return functional.compute_mask(ids, self.config.mask_zero)
 
     def _table_trains(self) -> bool:
@@ -267,7 +387,21 @@ class Embedding(nnx.Module):
         *,
         logit_soft_cap: float | None = None,
     ) -> jax.Array:
-        """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`."""
+        """Tied logits `query @ embeddings.T`: `(..., output_dim)` -> `(..., input_dim)`, in
+        `dtype` (None: query and table promoted); see `jaxembed.attend`.
+
+        Raises:
+            TypeError, IndexError, ValueError: as `jaxembed.attend`; ValueError also for a
+                row-sparse table under `jaxembed.sparse.nnx_value_and_grad`.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> layer = jaxembed.nnx.Embedding(10, 4, rngs=nnx.Rngs(0))
+            >>> layer.attend(jnp.ones((2, 4))).shape
+            (2, 10)
+        """
         self._refuse_row_sparse_tied()
         return functional.attend(
             self.params(),
@@ -284,7 +418,23 @@ class Embedding(nnx.Module):
     ) -> jax.Array:
         """Cross-entropy of the tied logits against `labels`, never materializing the logits:
         `jaxembed.attend_cross_entropy` (keywords `where`, `logit_soft_cap`, `reduction`, ...)
-        with this layer's params, `lora_alpha` and `dtype`."""
+        with this layer's params, `lora_alpha` and `dtype`: query `(..., output_dim)`, integer
+        labels `query.shape[:-1]`, a float32 scalar (per-position losses with
+        `reduction="none"`).
+
+        Raises:
+            TypeError, IndexError, ValueError: as `jaxembed.attend_cross_entropy`; ValueError
+                also for a row-sparse table under `jaxembed.sparse.nnx_value_and_grad`.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> layer = jaxembed.nnx.Embedding(10, 4, rngs=nnx.Rngs(0))
+            >>> loss = layer.attend_cross_entropy(jnp.ones((2, 4)), jnp.array([1, 9]))
+            >>> loss.shape, loss.dtype
+            ((), dtype('float32'))
+        """
         self._refuse_row_sparse_tied()
         return loss.attend_cross_entropy(
             self.params(),
@@ -300,6 +450,16 @@ class Embedding(nnx.Module):
         """The scalar penalty of the trainable weights (Keras's `layer.losses`); 0 if none.
 
         A training loop adds it in one line: `loss = task_loss + layer.regularization_penalty()`.
+        The scalar is in the penalized weights' dtype (float32 under LoRA).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> layer = jaxembed.nnx.Embedding(10, 4, weights=jnp.ones((10, 4)),
+            ...                                embeddings_regularizer="l2", rngs=nnx.Rngs(0))
+            >>> round(float(layer.regularization_penalty()), 6)  # 0.01 * 40
+            0.4
         """
         return regularizers.regularization_penalty(
             self.params(), self.config.embeddings_regularizer
@@ -320,6 +480,14 @@ class Embedding(nnx.Module):
 
         Raises:
             ValueError: bad rank or alpha, LoRA already enabled, or an embeddings constraint.
+
+        Example:
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> layer = jaxembed.nnx.Embedding(10, 4, rngs=nnx.Rngs(0))
+            >>> layer.enable_lora(2, rngs=nnx.Rngs(1))
+            >>> layer.lora_rank, layer.lora_embeddings_b.shape
+            (2, (2, 4))
         """
         if self.config.embeddings_constraint is not None:
             raise lora.refuse_constraint("enable_lora")
@@ -349,6 +517,14 @@ class Embedding(nnx.Module):
         Raises:
             ValueError: ids that are not distinct rows, tokens already enabled, or an
                 embeddings constraint.
+
+        Example:
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> layer = jaxembed.nnx.Embedding(10, 4, rngs=nnx.Rngs(0))
+            >>> layer.enable_trainable_tokens([9, 3])
+            >>> layer.trainable_token_ids, layer.trainable_tokens_delta.shape
+            ((3, 9), (2, 4))
         """
         if self.config.embeddings_constraint is not None:
             raise lora.refuse_constraint("enable_trainable_tokens")
@@ -360,7 +536,22 @@ class Embedding(nnx.Module):
 
     def merge_trainable_tokens(self) -> None:
         """Writes the trained rows into the table (an index update; a quantized table's rows
-        are requantized) and drops the tokens; see `jaxembed.merge_trainable_tokens`."""
+        are requantized) and drops the tokens; see `jaxembed.merge_trainable_tokens`.
+
+        Raises:
+            ValueError: a layer without trainable tokens.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> layer = jaxembed.nnx.Embedding(10, 4, weights=jnp.zeros((10, 4)),
+            ...                                trainable_token_ids=[3], rngs=nnx.Rngs(0))
+            >>> layer.trainable_tokens_delta[...] = jnp.ones((1, 4))
+            >>> layer.merge_trainable_tokens()
+            >>> layer.trainable_token_ids, layer.embeddings[3].tolist()
+            (None, [1.0, 1.0, 1.0, 1.0])
+        """
         merged = trainable_tokens.merge_trainable_tokens(self.params())
         if self.quantization is None:
             self.embeddings[...] = merged[_table.EMBEDDINGS]  # the same variable, updated
@@ -377,6 +568,16 @@ class Embedding(nnx.Module):
 
         Raises:
             ValueError: no adapter, or (with `safe_merge`) a non-finite merged table.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import jaxembed.nnx
+            >>> layer = jaxembed.nnx.Embedding(10, 4, lora_rank=2, rngs=nnx.Rngs(0))
+            >>> before = layer(jnp.arange(10))
+            >>> layer.merge_lora()
+            >>> layer.lora_rank, bool(jnp.allclose(layer(jnp.arange(10)), before))
+            (None, True)
         """
         merged = lora.merge_lora(
             self.params(),
@@ -433,6 +634,10 @@ class Embedding(nnx.Module):
                 carried over as `nnx.LoRAParam`, a quantized table as it is stored.
             rngs: unused draws are skipped, so any seed does; default `nnx.Rngs(0)`.
 
+        Raises:
+            ValueError: variables holding no table, or arrays not matching `module`'s
+                arguments (shapes, adapter, trainable tokens).
+
         Example:
             >>> import jax, jax.numpy as jnp
             >>> from flax import nnx
@@ -465,27 +670,76 @@ class Embedding(nnx.Module):
 
 
 class TrainableTokens(nnx.Param):
-    """Trainable tokens' delta `(K, output_dim)`: an `nnx.Param`, so `wrt=TrainableTokens`
-    trains it alone and `jaxembed.nnx.trainable(model)` includes it (the table beside it is
-    frozen)."""
+    """Trainable tokens' delta `(K, output_dim)` float32: an `nnx.Param`, so
+    `wrt=TrainableTokens` trains it alone and `jaxembed.nnx.trainable(model)` includes it (the
+    table beside it is frozen).
+
+    Example:
+        >>> from flax import nnx
+        >>> import jaxembed.nnx
+        >>> layer = jaxembed.nnx.Embedding(10, 4, trainable_token_ids=[3], rngs=nnx.Rngs(0))
+        >>> list(nnx.state(layer, jaxembed.nnx.TrainableTokens).keys())
+        ['trainable_tokens_delta']
+    """
 
 
 class TokenIds(nnx.Variable):
-    """Trainable tokens' row ids `(K,)` int32: frozen, never an `nnx.Param`."""
+    """Trainable tokens' row ids `(K,)` int32: frozen, never an `nnx.Param`.
+
+    Example:
+        >>> from flax import nnx
+        >>> import jaxembed.nnx
+        >>> layer = jaxembed.nnx.Embedding(10, 4, trainable_token_ids=[7, 3], rngs=nnx.Rngs(0))
+        >>> ids = layer.trainable_tokens_ids
+        >>> type(ids).__name__, ids[...].tolist(), isinstance(ids, nnx.Param)
+        ('TokenIds', [3, 7], False)
+    """
 
 
 class Quantized(nnx.Variable):
     """An array of a quantized table (values, scales, zero points): frozen, never an
-    `nnx.Param`, so optimizers and `nnx.grad` over `nnx.Param` or `nnx.LoRAParam` skip it."""
+    `nnx.Param`, so optimizers and `nnx.grad` over `nnx.Param` or `nnx.LoRAParam` skip it.
+
+    Example:
+        >>> from flax import nnx
+        >>> import jaxembed.nnx
+        >>> layer = jaxembed.nnx.Embedding(10, 4, quantization="int8", rngs=nnx.Rngs(0))
+        >>> sorted(nnx.state(layer, jaxembed.nnx.Quantized).keys())
+        ['embeddings_int8', 'embeddings_scale']
+        >>> len(nnx.state(layer, nnx.Param))  # nothing for an optimizer to train
+        0
+    """
 
 
 class RowGradient(nnx.Perturbation):
     """The gradient of the loss with respect to a layer's looked-up rows (row-sparse
-    training; see `jaxembed.sparse.nnx_value_and_grad`)."""
+    training; see `jaxembed.sparse.nnx_value_and_grad`), shaped `ids.shape + (output_dim,)`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import jaxembed.nnx
+        >>> layer = jaxembed.nnx.Embedding(10, 4, rngs=nnx.Rngs(0))
+        >>> _, captured = nnx.capture(lambda m, x: m(x), jaxembed.nnx.RowGradient)(
+        ...     layer, jnp.array([3, 5]))
+        >>> captured["rows"][...].shape  # the slot `nnx.grad` fills with the rows' gradient
+        (2, 4)
+    """
 
 
 class RowIds(nnx.Intermediate):
-    """The ids a layer looked up, captured for its row-sparse update."""
+    """The ids a layer looked up, captured for its row-sparse update.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import jaxembed.nnx
+        >>> layer = jaxembed.nnx.Embedding(10, 4, rngs=nnx.Rngs(0))
+        >>> _, captured = nnx.capture(lambda m, x: m(x), jaxembed.nnx.RowIds)(
+        ...     layer, jnp.array([3, 5]))
+        >>> captured["ids"][0].tolist()
+        [3, 5]
+    """
 
 
 def trainable(model: nnx.Module) -> nnx.filterlib.Filter:

@@ -27,7 +27,14 @@ __all__ = ["KeepConstrainedState", "freeze_lora_base", "keep_embeddings_constrai
 
 
 class KeepConstrainedState(NamedTuple):
-    """No state: the projection depends on the params alone."""
+    """No state: the projection depends on the params alone.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> tx = jaxembed.keep_embeddings_constrained("non_neg")
+        >>> tx.init({"embeddings": jnp.ones((4, 2))})
+        KeepConstrainedState()
+    """
 
 
 def keep_embeddings_constrained(
@@ -46,7 +53,12 @@ def keep_embeddings_constrained(
         param_name: the key that marks a table to constrain.
 
     Returns:
-        An `optax.GradientTransformation` whose `update` requires `params`.
+        An `optax.GradientTransformation` whose `update` requires `params`; each table's
+        update keeps its shape and dtype.
+
+    Raises:
+        ValueError: a None or unknown constraint; from `update`, params missing, a table with
+            a LoRA adapter beside it (frozen), or a constraint changing the table's shape.
 
     Example:
         >>> import jax.numpy as jnp, optax, jaxembed
@@ -99,6 +111,9 @@ def freeze_lora_base(
     One line for a whole model: `tx = jaxembed.freeze_lora_base(optax.adam(1e-3))`. If the
     frozen leaves' gradients are computed but only fed here, XLA removes them from the compiled
     step. To not even trace them, differentiate `jaxembed.lora.split_trainable`'s first half.
+
+    Raises:
+        ValueError: (from `init` and `update`) an `adapters_only` that is not a bool.
 
     Example:
         >>> import jax, optax, jaxembed

@@ -8,19 +8,6 @@ float ones: `apply` gathers the stored rows and their scales and dequantizes onl
 `enable_lora` adds float32 A and B (QLoRA: the quantized arrays are never trained);
 `merge_lora` dequantizes, adds the delta in float32 and requantizes in the same format.
 
-The params layout (`jaxembed._table` owns the key names):
-
-| mode, block_size | keys and shapes                                                        |
-|------------------|------------------------------------------------------------------------|
-| "int8", None     | "embeddings_int8" int8 `(V, D)`, "embeddings_scale" float32 `(V,)`     |
-| "int4", None     | "embeddings_int4" int8 `(V, D/2)` packed, "embeddings_scale" `(V,)`    |
-| "int4", B        | "embeddings_int4" `(V, D/2)`, "embeddings_scale" float32 and           |
-|                  | "embeddings_zero" int8, both `(V, D/B)`                                |
-
-Per-row formats: `value = q / scale` (symmetric abs-max; |error| <= `0.5 / scale`); grouped:
-`value = (q - zero) * scale` per block of B columns (asymmetric min-max; |error| <=
-`0.5 * scale`), each before float rounding.
-
 Example:
     >>> import jax, jax.numpy as jnp, jaxembed
     >>> params = jaxembed.init(jax.random.key(0), 1000, 64)
@@ -30,6 +17,23 @@ Example:
     >>> error = jaxembed.apply(q, jnp.arange(10)) - jaxembed.apply(params, jnp.arange(10))
     >>> bool(jnp.abs(error).max() < 0.05 / 7 + 1e-6)  # half a step: max|row| / 7 / 2
     True
+
+The params layout (`jaxembed._table` owns the key names):
+
++------------------+------------------------------------------------------------------------+
+| mode, block_size | keys and shapes                                                        |
++==================+========================================================================+
+| "int8", None     | "embeddings_int8" int8 `(V, D)`, "embeddings_scale" float32 `(V,)`     |
++------------------+------------------------------------------------------------------------+
+| "int4", None     | "embeddings_int4" int8 `(V, D/2)` packed, "embeddings_scale" `(V,)`    |
++------------------+------------------------------------------------------------------------+
+| "int4", B        | "embeddings_int4" `(V, D/2)`, "embeddings_scale" float32 and           |
+|                  | "embeddings_zero" int8, both `(V, D/B)`                                |
++------------------+------------------------------------------------------------------------+
+
+Per-row formats: `value = q / scale` (symmetric abs-max; the error is at most `0.5 / scale`);
+grouped: `value = (q - zero) * scale` per block of B columns (asymmetric min-max; the error is
+at most `0.5 * scale`), each before float rounding.
 """
 
 from __future__ import annotations
@@ -77,6 +81,13 @@ def parse_format(quantization: Any, output_dim: int) -> _quantized.Format | None
     """Reads the modules' `quantization` argument: None, "int8", "int4", or "int4/128" (mode
     and block size, Keras's dtype-policy spelling); raises a ValueError naming it otherwise.
 
+    Returns:
+        None, or the format: its `mode` and `block_size` (None: one scale per row).
+
+    Raises:
+        ValueError: an unknown spelling, a block size not dividing `output_dim`, or int4
+            with an odd `output_dim`.
+
     Example:
         >>> import jaxembed
         >>> jaxembed.quantization.parse_format("int4/128", output_dim=256).block_size
@@ -89,7 +100,11 @@ def parse_format(quantization: Any, output_dim: int) -> _quantized.Format | None
 
 def split_format(quantization: Any) -> tuple[str, int | None]:
     """("int4", 128) from "int4/128", ("int8", None) from "int8"; a ValueError naming
-    `quantization` for anything else. Block sizes are checked against a table by `_format`.
+    `quantization` for anything else. Block sizes are checked against a table by
+    `parse_format`.
+
+    Raises:
+        ValueError: anything but "int8", "int4" or a mode with a decimal block size.
 
     Example:
         >>> import jaxembed
@@ -124,7 +139,8 @@ def quantize(params: Params, mode: str, *, block_size: int | None = None) -> Par
 
     Returns:
         `{"embeddings_int8" | "embeddings_int4": values, "embeddings_scale": (V,) or (V, D/B)
-        float32, ["embeddings_zero": (V, D/B) int8]}` plus the adapter, if any.
+        float32, ["embeddings_zero": (V, D/B) int8]}` plus the adapter, if any; the values
+        are int8, `(V, D)` for int8 and `(V, D/2)` (two per byte) for int4.
 
     Raises:
         ValueError: an unknown mode, params already quantized, a `block_size` that is not a
@@ -159,6 +175,9 @@ def dequantize(params: Params, *, dtype: DTypeLike = jnp.float32) -> Params:
         params: from `quantize`.
         dtype: the float table's dtype.
 
+    Raises:
+        ValueError: params that are not quantized (or malformed), or a non-floating dtype.
+
     Example:
         >>> import jax, jaxembed
         >>> params = jaxembed.init(jax.random.key(0), 100, 8)
@@ -179,6 +198,9 @@ def dequantize(params: Params, *, dtype: DTypeLike = jnp.float32) -> Params:
 def is_quantized(params: Params) -> bool:
     """True when params hold a quantized table (validated).
 
+    Raises:
+        ValueError: malformed params (no table, or arrays of mismatched shapes).
+
     Example:
         >>> import jax, jaxembed
         >>> jaxembed.quantization.is_quantized(jaxembed.init(jax.random.key(0), 10, 4))
@@ -190,6 +212,9 @@ def is_quantized(params: Params) -> bool:
 def quantization_format(params: Params) -> str | None:
     """ "int8", "int4", or "int4/128" (mode and block size) for quantized params; None for
     float ones (Keras's dtype-policy spelling).
+
+    Raises:
+        ValueError: malformed params.
 
     Example:
         >>> import jax, jaxembed

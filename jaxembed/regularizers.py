@@ -55,13 +55,35 @@ def _l2_penalty(factor: float, x: jax.Array) -> jax.Array:
 
 
 def l1(l1: float = 0.01) -> Regularizer:
-    """Keras `L1`: `l1 * sum(|x|)`."""
+    """Keras `L1`: `l1 * sum(|x|)`.
+
+    Returns:
+        A `Regularizer`: a float matrix -> a scalar penalty in the matrix's dtype (summed in
+        at least float32), as every regularizer here.
+
+    Raises:
+        ValueError: a negative or non-finite factor.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> float(jaxembed.regularizers.l1(0.5)(jnp.array([[-1.0, 2.0]])))
+        1.5
+    """
     factor = _checks.non_negative_float("l1", l1)
     return lambda x: _l1_penalty(factor, x)
 
 
 def l2(l2: float = 0.01) -> Regularizer:
-    """Keras `L2`: `l2 * sum(x**2)`."""
+    """Keras `L2`: `l2 * sum(x**2)`.
+
+    Raises:
+        ValueError: a negative or non-finite factor.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> float(jaxembed.regularizers.l2(0.5)(jnp.array([[-1.0, 2.0]])))
+        2.5
+    """
     factor = _checks.non_negative_float("l2", l2)
     return lambda x: _l2_penalty(factor, x)
 
@@ -70,7 +92,16 @@ def l1_l2(l1: float = 0.01, l2: float = 0.01) -> Regularizer:
     """Keras `L1L2`: `l1 * sum(|x|) + l2 * sum(x**2)`.
 
     The defaults are those Keras documents for the name "l1_l2" (0.01 each). Keras 3 itself
-    refuses the string "l1_l2" and gives zero factors for "l1l2"; see README, differences.
+    refuses the string "l1_l2" and gives zero factors for "l1l2"; see the differences from
+    Keras in docs/guides/keras.md.
+
+    Raises:
+        ValueError: a negative or non-finite factor.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> float(jaxembed.regularizers.l1_l2(0.5, 0.5)(jnp.array([[-1.0, 2.0]])))
+        4.0
     """
     factor_l1 = _checks.non_negative_float("l1", l1)
     factor_l2 = _checks.non_negative_float("l2", l2)
@@ -78,13 +109,27 @@ def l1_l2(l1: float = 0.01, l2: float = 0.01) -> Regularizer:
 
 
 def orthogonal_regularizer(factor: float = 0.01, mode: str = "rows") -> Regularizer:
-    """Keras `OrthogonalRegularizer`: mean |cosine| between distinct rows (or columns).
+    """Keras `OrthogonalRegularizer`: mean `|cosine|` between distinct rows (or columns).
 
     Unlike Keras, the penalty of a single row is 0 (Keras divides by zero pairs: NaN), and an
     all-zero row has a finite gradient (Keras's `rsqrt(0)` gives NaN gradients).
 
     Warning: in "rows" mode this builds an `(input_dim, input_dim)` matrix; keep it for small
     vocabularies.
+
+    Returns:
+        A `Regularizer`: `(input_dim, output_dim)` float matrix -> a scalar penalty in its
+        dtype, `factor * mean |cosine|` over the pairs.
+
+    Raises:
+        ValueError: a negative or non-finite factor, or a mode other than "rows" or
+            "columns".
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> penalty = jaxembed.regularizers.orthogonal_regularizer(1.0)
+        >>> float(penalty(jnp.eye(3))), round(float(penalty(jnp.ones((3, 2)))), 4)
+        (0.0, 1.0)
     """
     factor = _checks.non_negative_float("factor", factor)
     _checks.one_of("mode", mode, ("rows", "columns"))
@@ -155,7 +200,12 @@ def regularization_penalty(params: dict[str, jax.Array], embeddings_regularizer:
         embeddings_regularizer: as accepted by `get`. `None` gives a penalty of 0.
 
     Returns:
-        A scalar array, equal to the sum of Keras's `layer.losses` for the same weights.
+        A scalar array (in the penalized weights' dtype, float32 under LoRA), equal to the sum
+        of Keras's `layer.losses` for the same weights.
+
+    Raises:
+        ValueError: malformed params, an unknown regularizer name, or a regularizer that does
+            not return a real scalar.
 
     Example:
         >>> import jax.numpy as jnp, jaxembed

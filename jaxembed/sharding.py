@@ -1,6 +1,14 @@
 """Embedding tables on device meshes: output shardings for Explicit meshes, and a
 vocab-parallel lookup under `jax.shard_map`.
 
+Example:
+    >>> import jax, jax.numpy as jnp, jaxembed
+    >>> mesh = jax.make_mesh((1,), ("model",))  # one device here; ("model",) splits the rows
+    >>> params, ids = jaxembed.init(jax.random.key(0), 8, 2), jnp.array([[1, 7]])
+    >>> out = jaxembed.sharding.vocab_parallel_apply(params, ids, mesh=mesh, vocab_axis="model")
+    >>> bool((out == jaxembed.apply(params, ids)).all())
+    True
+
 JAX's SPMD partitioner does the work in both of its modes:
 
 * **Auto** axes: the partitioner picks shardings; a gather from a row-sharded table compiles
@@ -118,7 +126,15 @@ def vocab_parallel_apply(
             rows here too.
 
     Returns:
-        `ids.shape + (output_dim,)`, first dimension split over `batch_axes`.
+        `ids.shape + (output_dim,)` in `dtype` (None: the table's), first dimension split over
+        `batch_axes`.
+
+    Raises:
+        TypeError: non-integer ids.
+        ValueError: malformed params, stacked adapters or trainable tokens, scalar ids, no
+            mesh, a `vocab_axis` not in the mesh or whose size does not divide `input_dim`,
+            or a bad option.
+        IndexError: an out-of-range id under "error", for concrete ids.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed
@@ -236,6 +252,13 @@ def vocab_parallel_update(
         `(new_table, new_state)`: the table and the state's rows split by rows over
         `vocab_axis`, the count replicated. Jit with `donate_argnums` on the table and the
         state to update them in place.
+
+    Raises:
+        TypeError: non-integer ids, or a non-floating table or row_grads.
+        ValueError: a table that is not 2-D, scalar ids, misshapen row_grads
+            or state, no mesh, a `vocab_axis` not in the mesh or whose size does not divide
+            `input_dim`, or an unknown `out_of_range`.
+        IndexError: an out-of-range id under "error", for concrete ids.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed
@@ -388,13 +411,21 @@ def vocab_parallel_attend_cross_entropy(
         mesh: the device mesh (Auto or Explicit axes); None takes the mesh in the params' or
             query's types, else the one set with `jax.set_mesh`.
         batch_axes: mesh axis (or axes) that split the query's first dimension, or None.
-        where, lora_alpha, use_rslora, logit_soft_cap, label_smoothing, z_loss, reduction,
-        chunk_size, out_of_range, dtype: as `jaxembed.attend_cross_entropy` (`chunk_size`
-            counts rows of one shard; None picks about 8 MiB of logits per chunk on each
-            device).
+        chunk_size: rows of one shard per chunk; None picks about 8 MiB of logits per chunk
+            on each device.
+
+    The other keywords (`where`, `lora_alpha`, `use_rslora`, `logit_soft_cap`,
+    `label_smoothing`, `z_loss`, `reduction`, `out_of_range`, `dtype`) are as in
+    `jaxembed.attend_cross_entropy`.
 
     Returns:
         A float32 scalar, or `query.shape[:-1]` losses with reduction="none".
+
+    Raises:
+        TypeError, IndexError: as `jaxembed.attend_cross_entropy`.
+        ValueError: as `jaxembed.attend_cross_entropy`; also trainable tokens, no mesh, a
+            `vocab_axis` not in the mesh or whose size does not divide `input_dim`, or a
+            query whose first dimension `batch_axes` cannot split.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed

@@ -65,7 +65,17 @@ __all__ = [
 
 class RowwiseState(NamedTuple):
     """A row-wise optimizer's state: the step count and arrays indexed by row (first dim
-    `input_dim`); an untouched row's entries never change."""
+    `input_dim`); an untouched row's entries never change.
+
+    `count` is an int32 scalar; `rows` holds float32 arrays (`(input_dim, output_dim)` or
+    `(input_dim,)`), placed like the table's rows when the table is on a mesh.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> state = jaxembed.sparse.adagrad(0.1).init(jnp.zeros((10, 4)))
+        >>> int(state.count), [row.shape for row in state.rows]
+        (0, [(10, 4)])
+    """
 
     count: jax.Array
     rows: tuple[jax.Array, ...]
@@ -75,7 +85,24 @@ class RowwiseOptimizer(NamedTuple):
     """A row-wise optimizer, in optax's style: a pair of pure functions.
 
     `init(table) -> state`; `update(table, state, ids, row_grads, *, out_of_range="error")
-    -> (new_table, new_state)`.
+    -> (new_table, new_state)`: the table is a float `(input_dim, output_dim)` matrix (the new
+    one keeps its dtype), `ids` integers of any shape and `row_grads` floating
+    `ids.shape + (output_dim,)`. An id outside `[0, input_dim)` writes nothing under every
+    policy; "error" also raises, as `jaxembed.apply` does.
+
+    `init` and `update` raise `TypeError` for a non-floating table, non-integer ids or
+    non-floating row_grads; `ValueError` for a table that is not 2-D, a state from another
+    optimizer or table, misshapen row_grads or an unknown policy; `IndexError` for an
+    out-of-range id under "error", for concrete ids.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> optimizer = jaxembed.sparse.sgd(1.0)
+        >>> table = jnp.zeros((3, 2))
+        >>> table, state = optimizer.update(table, optimizer.init(table), jnp.array([2]),
+        ...                                 jnp.ones((1, 2)))
+        >>> table.tolist(), int(state.count)
+        ([[0.0, 0.0], [0.0, 0.0], [-1.0, -1.0]], 1)
     """
 
     init: Callable[[jax.Array], RowwiseState]
@@ -224,6 +251,13 @@ def _rowwise(
 def sgd(learning_rate: float | optax.Schedule) -> RowwiseOptimizer:
     """`row -= learning_rate * g` on the touched rows: `optax.sgd(learning_rate)` exactly.
 
+    Returns a `RowwiseOptimizer` (its `update`'s shapes and errors are documented there), as
+    every optimizer here.
+
+    Raises:
+        ValueError: a negative or non-finite learning rate (a schedule is taken as it is), as
+            every optimizer here for its own hyperparameters.
+
     Example:
         >>> import jax.numpy as jnp, jaxembed
         >>> optimizer = jaxembed.sparse.sgd(0.5)
@@ -249,6 +283,9 @@ def adagrad(
 
     An untouched row has a zero gradient, so dense Adagrad neither moves it nor changes its
     accumulator: skipping it changes nothing.
+
+    Raises:
+        ValueError: a negative or non-finite learning rate, accumulator value or eps.
 
     Example:
         >>> import jax.numpy as jnp, optax, jaxembed
@@ -287,6 +324,9 @@ def rowwise_adagrad(
     `accumulator += mean(g**2)` over the row, then `row -= learning_rate * g /
     (sqrt(accumulator) + eps)`. The state is `input_dim` floats instead of `input_dim *
     output_dim`: the usual choice for very large tables.
+
+    Raises:
+        ValueError: a negative or non-finite learning rate, accumulator value or eps.
 
     Example:
         >>> import jax.numpy as jnp, jaxembed
@@ -339,6 +379,10 @@ def lazy_adam(
     tables want (TensorFlow, torch's SparseAdam and TPU embeddings do the same); use dense
     optax Adam when every row is touched every step anyway.
 
+    Raises:
+        ValueError: a negative or non-finite learning rate or eps, or `b1`, `b2` outside
+            [0, 1).
+
     Example:
         >>> import jax.numpy as jnp, jaxembed
         >>> optimizer = jaxembed.sparse.lazy_adam(0.1)
@@ -382,7 +426,11 @@ def value_and_row_grads(
 
     Returns:
         `(loss, row_grads)` (`((loss, aux), row_grads)` with `has_aux`); `row_grads` has shape
-        `ids.shape + (output_dim,)`.
+        `ids.shape + (output_dim,)` and the table's dtype.
+
+    Raises:
+        ValueError: params with stacked adapters or trainable tokens; otherwise what
+            `jaxembed.apply` raises for these params and ids.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed
@@ -443,7 +491,15 @@ def split_tables(params: Any) -> tuple[Tables, Any]:
 
 
 def merge_tables(tables: Tables, rest: Any) -> Any:
-    """Inverse of `split_tables`: the model's params with every table back in its place."""
+    """Inverse of `split_tables`: the model's params with every table back in its place.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> params = {"tokens": {"embeddings": jnp.ones((10, 4))}, "head": {"kernel": jnp.ones(4)}}
+        >>> merged = jaxembed.sparse.merge_tables(*jaxembed.sparse.split_tables(params))
+        >>> merged["tokens"]["embeddings"] is params["tokens"]["embeddings"]
+        True
+    """
 
     def put(path: tuple[Any, ...], leaf: Any) -> Any:
         if leaf is None:
@@ -454,7 +510,15 @@ def merge_tables(tables: Tables, rest: Any) -> Any:
 
 
 def init_tables(optimizer: RowwiseOptimizer, tables: Tables) -> dict[str, RowwiseState]:
-    """`optimizer.init` for every table of `split_tables`."""
+    """`optimizer.init` for every table of `split_tables`, by the same paths.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> tables = {"tokens/embeddings": jnp.ones((10, 4))}
+        >>> states = jaxembed.sparse.init_tables(jaxembed.sparse.adagrad(0.1), tables)
+        >>> states["tokens/embeddings"].rows[0].shape
+        (10, 4)
+    """
     return {path: optimizer.init(table) for path, table in tables.items()}
 
 
@@ -465,7 +529,30 @@ def update_tables(
     rows: RowBatches,
 ) -> tuple[Tables, dict[str, RowwiseState]]:
     """`optimizer.update` for every table the step looked up (`linen_value_and_grad`'s rows);
-    tables it did not look up are returned as they are."""
+    tables it did not look up are returned as they are.
+
+    Args:
+        optimizer: a `RowwiseOptimizer`.
+        tables: `split_tables`'s tables, `(input_dim, output_dim)` float matrices by path.
+        states: `init_tables(optimizer, tables)`.
+        rows: per path, flat int ids `(n,)` and their row gradients `(n, output_dim)`.
+
+    Returns:
+        `(new_tables, new_states)`, by the same paths.
+
+    Raises:
+        KeyError: a path of `rows` missing from `tables` or `states`.
+        ValueError, TypeError: as the optimizer's `update`.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxembed
+        >>> optimizer, tables = jaxembed.sparse.sgd(1.0), {"embeddings": jnp.zeros((3, 1))}
+        >>> rows = {"embeddings": (jnp.array([1]), jnp.ones((1, 1)))}
+        >>> tables, states = jaxembed.sparse.update_tables(
+        ...     optimizer, tables, jaxembed.sparse.init_tables(optimizer, tables), rows)
+        >>> tables["embeddings"].ravel().tolist()
+        [0.0, -1.0, 0.0]
+    """
     tables, states = dict(tables), dict(states)
     for path, (ids, row_grads) in rows.items():
         # Ids were already checked (or clamped) by the lookup's own policy; any id still
@@ -491,6 +578,9 @@ def linen_value_and_grad(
 
     A tied table (`attend`) gets a dense gradient from the logits by nature: it is refused
     here with an error rather than silently losing that gradient; train such a model densely.
+
+    Raises:
+        ValueError: a `has_aux` that is not a bool; when called, a tied table among `tables`.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax, jaxembed
@@ -624,7 +714,16 @@ def nnx_tables(model: Any) -> Any:
 
 
 def nnx_init_tables(optimizer: RowwiseOptimizer, model: Any) -> dict[str, RowwiseState]:
-    """`optimizer.init` for every table `nnx_tables` selects, by layer path."""
+    """`optimizer.init` for every table `nnx_tables` selects, by layer path.
+
+    Example:
+        >>> from flax import nnx
+        >>> import jaxembed.nnx
+        >>> layer = jaxembed.nnx.Embedding(10, 4, rngs=nnx.Rngs(0))
+        >>> states = jaxembed.sparse.nnx_init_tables(jaxembed.sparse.sgd(0.1), layer)
+        >>> list(states), int(states[""].count)  # the layer is the model: its path is ""
+        ([''], 0)
+    """
     return {
         path: optimizer.init(layer.embeddings[...])
         for path, layer in _nnx_sparse_layers(model).items()
@@ -638,7 +737,24 @@ def nnx_update_tables(
     rows: RowBatches,
 ) -> dict[str, RowwiseState]:
     """Updates the looked-up tables of `model` in place (`nnx_value_and_grad`'s rows) and
-    returns the new optimizer states."""
+    returns the new optimizer states.
+
+    Raises:
+        KeyError: a path of `rows` that is not a row-sparse layer of `model` or has no state.
+        ValueError, TypeError: as the optimizer's `update`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import jaxembed.nnx
+        >>> layer = jaxembed.nnx.Embedding(10, 4, weights=jnp.zeros((10, 4)), rngs=nnx.Rngs(0))
+        >>> optimizer = jaxembed.sparse.sgd(1.0)
+        >>> states = jaxembed.sparse.nnx_init_tables(optimizer, layer)
+        >>> rows = {"": (jnp.array([2]), jnp.ones((1, 4)))}
+        >>> states = jaxembed.sparse.nnx_update_tables(optimizer, layer, states, rows)
+        >>> layer.embeddings[2].tolist(), int(states[""].count)
+        ([-1.0, -1.0, -1.0, -1.0], 1)
+    """
     layers, states = _nnx_sparse_layers(model), dict(states)
     for path, (ids, row_grads) in rows.items():
         layer = layers[path]
@@ -666,6 +782,10 @@ def nnx_value_and_grad(
     layers record ids and rows through flax's `nnx.capture` (`jaxembed.nnx.RowIds`,
     `jaxembed.nnx.RowGradient`); call each layer once per step. Tied tables (`attend`) get a
     dense gradient from the logits: leave them out (give them LoRA or train densely).
+
+    Raises:
+        ValueError: a `has_aux` that is not a bool; when called, a row-sparse table that the
+            loss also uses through `attend`.
 
     Example:
         >>> import jax.numpy as jnp

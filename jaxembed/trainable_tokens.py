@@ -51,6 +51,10 @@ def check_token_ids(token_ids: Any, input_dim: int) -> np.ndarray:
     """`token_ids` as a sorted int32 NumPy array of distinct rows in `[0, input_dim)`, else a
     ValueError naming the argument, the bad value and what was expected.
 
+    Raises:
+        ValueError: traced ids, or ids that are not a non-empty 1-D sequence of distinct ints
+            in `[0, input_dim)`.
+
     Example:
         >>> import jaxembed
         >>> jaxembed.trainable_tokens.check_token_ids([7, 3], 10).tolist()
@@ -81,6 +85,9 @@ def check_token_ids(token_ids: Any, input_dim: int) -> np.ndarray:
 
 def has_trainable_tokens(params: Params) -> bool:
     """True when params hold trainable tokens.
+
+    Raises:
+        ValueError: malformed params (half of the tokens, or a misshapen delta).
 
     Example:
         >>> import jax, jaxembed
@@ -140,6 +147,12 @@ def merge_trainable_tokens(params: Params) -> Params:
     the table is: cast, or quantized per row in its format), the tokens removed. One index
     update: no other row changes (a LoRA adapter beside stays as it is).
 
+    Returns:
+        The params without the tokens, the table in its shape and dtype (or format).
+
+    Raises:
+        ValueError: params without trainable tokens.
+
     Example:
         >>> import jax, jax.numpy as jnp, jaxembed
         >>> params = jaxembed.enable_trainable_tokens(
@@ -158,6 +171,9 @@ def merge_trainable_tokens(params: Params) -> Params:
 
 def remove_trainable_tokens(params: Params) -> Params:
     """Takes the trainable tokens off, discarding the delta.
+
+    Raises:
+        ValueError: params without trainable tokens.
 
     Example:
         >>> import jax, jaxembed

@@ -8,6 +8,13 @@ their dependencies (install them with `pip install "jaxembed[interop]"`):
 - `jaxembed.interop.peft`: `from_peft` / `to_peft` for Hugging Face PEFT LoRA adapters of an
   `nn.Embedding` (safetensors' NumPy API; no torch).
 - `jaxembed.interop.torch`: an `nn.Embedding` state dict's `weight` (and `padding_idx`).
+
+Example:
+    >>> import numpy as np, jaxembed
+    >>> state = {"weight": np.ones((4, 3), np.float32)}  # a torch nn.Embedding's state dict
+    >>> params, config = jaxembed.interop.torch.from_torch_state_dict(state)
+    >>> params["embeddings"].shape, config
+    ((4, 3), {'input_dim': 4, 'output_dim': 3, 'padding_idx': None})
 """
 
 import importlib as _importlib

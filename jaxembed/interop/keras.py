@@ -1,5 +1,17 @@
 """Keras 3's `Embedding`, in memory and on disk: its variables as jaxembed params, and back.
 
+Example:
+    >>> import os; os.environ["KERAS_BACKEND"] = "jax"
+    >>> import keras, numpy as np, jaxembed
+    >>> from jaxembed.interop.keras import from_keras
+    >>> layer = keras.layers.Embedding(100, 8)
+    >>> layer.build()
+    >>> params, config = from_keras(layer)
+    >>> ids = np.array([[1, 2, 3]])
+    >>> out = jaxembed.Embedding(**config).apply({"params": params}, ids)
+    >>> bool((out == layer(ids)).all())
+    True
+
 In memory (needs Keras; any backend, tested on JAX):
 
 - `from_keras(layer) -> (params, config)`: a built `keras.layers.Embedding` (float, LoRA,
@@ -19,13 +31,19 @@ On disk (h5py only, no Keras):
 The params layout is jaxembed's (`jaxembed.quantization` has the table of keys). Keras keeps
 the same arrays under other names:
 
++------------------------------+-------------------------------------------------------+
 | Keras variable (h5 dataset)  | jaxembed key                                          |
-|------------------------------|-------------------------------------------------------|
++==============================+=======================================================+
 | `_embeddings` (`vars/0`)     | "embeddings"; "embeddings_int8" / "embeddings_int4"   |
++------------------------------+-------------------------------------------------------+
 | `embeddings_scale` (`1`)     | "embeddings_scale" `(V,)` or `(V, groups)`            |
++------------------------------+-------------------------------------------------------+
 | `embeddings_zero` (`2`)      | "embeddings_zero" int8 `(V, groups)` (grouped int4)   |
++------------------------------+-------------------------------------------------------+
 | `g_idx` (`3`)                | none: `column // block_size`, from the shapes         |
++------------------------------+-------------------------------------------------------+
 | `lora_embeddings_a` / `_b`   | "lora_embeddings_a" / "lora_embeddings_b" (in memory) |
++------------------------------+-------------------------------------------------------+
 
 Keras's int4 packing (two values per byte, even columns in the low nibble) and its per-row and
 grouped formats are jaxembed's, bit for bit; a grouped layer's block size is
@@ -1021,6 +1039,10 @@ def list_keras_embeddings(path: str | pathlib.Path) -> list[str]:
 
     Returns:
         Layer names (the names the layers had in Keras), in the file's order.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a Keras file (neither a `.keras` archive nor an HDF5 weights file).
 
     Example:
         >>> import os, tempfile; os.environ["KERAS_BACKEND"] = "jax"
