@@ -57,7 +57,7 @@ UNSIGNED = (np.uint8, np.uint16, np.uint32, np.uint64)
 @functools.cache
 def one_device_mesh():
     # Auto axes: on Explicit axes JAX's checkify cannot read back an error raised around a
-    # shard_map (README, Sharding); tests/multidevice covers vocab_parallel_apply there.
+    # shard_map (docs/guides/sharding.md); tests/multidevice covers vocab_parallel_apply there.
     return jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
 
 

@@ -4,7 +4,7 @@ dequantized table, QLoRA, memory and parameter bytes.
 * `TestKerasParity`: the stored integers, scales and zero points are those of
   `keras.layers.Embedding.quantize` (Keras 3.15), and so are the outputs, with and without
   LoRA, and the merged-and-requantized tables of Keras's save path; the penalty follows
-  README's difference 16.
+  difference 16 in docs/guides/keras.md.
 * `TestRoundTrip`: `dequantize(quantize(x))` lies within half a quantization step of `x`
   (hypothesis over shapes, block sizes and rows: constant, zero, one-signed, tiny).
 * `TestSameAsDequantized`: apply, attend (its three chunking paths), LoRA, penalties and
@@ -151,8 +151,9 @@ def random_adapter(input_dim, output_dim, rank, seed=1, size=0.1):
 
 def keras_315_rows(table, block_size):
     """Rows on which Keras 3.15 and jaxembed store the same integers: all rows per row; for
-    grouped formats the rows whose every block holds both signs (README, difference 17:
-    jaxembed widens a one-signed block's range to include 0, as Keras did after 3.15)."""
+    grouped formats the rows whose every block holds both signs (docs/guides/keras.md,
+    difference 17: jaxembed widens a one-signed block's range to include 0, as Keras did after
+    3.15)."""
     if block_size is None:
         return np.ones(len(table), bool)
     blocks = np.asarray(table).reshape(len(table), -1, block_size)
@@ -279,7 +280,8 @@ class TestKerasParity:
     )
     def test_regularization_penalty(self, mode, block_size):
         """Keras's quantized table has no regularizer; jaxembed penalizes the dequantized
-        values (README, difference 16: a constant). Under LoRA both penalize A and B alone."""
+        values (docs/guides/keras.md, difference 16: a constant). Under LoRA both penalize A
+        and B alone."""
         layer = keras_quantized(KERAS_TABLE, mode, block_size, embeddings_regularizer="l2")
         layer(KERAS_LOOKUP)
         assert layer.losses == []
@@ -390,7 +392,7 @@ class TestRoundTrip:
         """quantization.py documents `|error| <= 0.5 * scale` for grouped formats. Blocks whose
         values are all positive or all negative (a constant row, a negative-only row) keep it
         because each block's range includes 0; Keras 3.15's formula clipped their zero point
-        and codes (README, difference 17)."""
+        and codes (docs/guides/keras.md, difference 17)."""
         rows = np.array(
             [[1.0, 1.5, 1.25, 1.1], [-2.0, -1.0, -1.5, -1.2], [1.5, 1.5, 1.5, 1.5]], np.float32
         )

@@ -29,3 +29,13 @@ def test_main_example_exists():
     example_command = bash_blocks()[0]
     script = re.search(r"python (examples/\S+\.py)", example_command).group(1)
     assert (ROOT / script).is_file()
+
+
+def test_docs_repeat_the_two_commands_verbatim():
+    """The site's landing page and development guide give README's two commands as they are."""
+    example_command, test_command = (block.strip() for block in bash_blocks()[:2])
+    docs = {
+        name: (ROOT / "docs" / name).read_text() for name in ("index.md", "guides/development.md")
+    }
+    assert example_command in docs["index.md"] and test_command in docs["index.md"]
+    assert test_command in docs["guides/development.md"]
