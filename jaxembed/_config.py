@@ -57,6 +57,9 @@ class LayerConfig:
     `weights` is replaced by a checked read-only copy in `param_dtype` (`_table.CheckedWeights`):
     the caller's array can change later without changing the table, and rebuilding a config
     from that copy (flax clones a linen module on every `apply`) costs no second check.
+
+    Configs compare and hash by value (`weights` by identity): the NNX layer keeps one as
+    static data of its graph, and equal arguments must give equal graphdefs (one trace).
     """
 
     input_dim: int
@@ -114,6 +117,26 @@ class LayerConfig:
             )
             object.__setattr__(self, "weights", weights)
 
+    def _key(self) -> tuple[Any, ...]:
+        return tuple(
+            id(self.weights) if name == "weights" else _hashable(getattr(self, name))
+            for name in NAMES
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def after_creation(self) -> LayerConfig:
+        """The config without the arguments used only to create the params (`CREATION_ONLY`,
+        reset to their defaults): what a live NNX layer keeps, so that layers differing only in
+        how they were initialized share one graphdef (as flax's `nnx.Embed` keeps no
+        initializer)."""
+        fields = {field.name: field.default for field in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{name: fields[name] for name in CREATION_ONLY})
+
     @classmethod
     def of(cls, source: Any) -> LayerConfig:
         """The config of anything carrying the arguments as attributes (a linen module)."""
@@ -153,6 +176,26 @@ class LayerConfig:
 
 NAMES: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(LayerConfig))
 """The layer's argument names, in order."""
+
+CREATION_ONLY = (
+    "embeddings_initializer",
+    "weights",
+    "lora_rank",
+    "quantization",
+    "num_lora_adapters",
+    "trainable_token_ids",
+)
+"""Arguments that only shape the params at creation: a live NNX layer reads the rank, the
+format and the token ids from its variables, and keeps no initializer or initial weights."""
+
+
+def _hashable(value: Any) -> Any:
+    """`value`, or its identity when it cannot be hashed (a user's unhashable callable)."""
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return value
 
 
 def select(namespace: Mapping[str, Any]) -> dict[str, Any]:

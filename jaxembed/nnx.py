@@ -26,7 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import meta
+from flax.core import meta, spmd
+from jax.sharding import PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxembed import (
@@ -60,12 +61,27 @@ __all__ = [
 def _variable(kind: type[nnx.Variable], value: jax.Array, axes: tuple[Any, ...]) -> nnx.Variable:
     """An NNX variable carrying logical sharding axes.
 
-    Flax shards a variable eagerly at creation when a mesh is set (`jax.set_mesh`), mapping the
-    logical axes through the rules in context (`nn.logical_axis_rules`). Without a mesh the
-    axes are kept as metadata only, so the layer works on one device with no setup.
+    As flax does, the value is sharded at creation when a mesh is set (`jax.set_mesh`), the
+    logical axes mapped through the rules in context (`nn.logical_axis_rules`). A name the
+    mesh does not know after the rules (no rule maps "vocab" on a mesh of axes "X", "Y", or a
+    rule names an axis the mesh lacks) leaves that dimension unsplit: the layer is created
+    there as flax creates its own (replicated), never an error. Without a mesh the axes are
+    metadata only, so the layer works on one device with no setup.
     """
-    eager = nnx.using_eager_sharding() and meta.global_mesh_defined()
-    return kind(value, out_sharding=axes, eager_sharding=eager)
+    if nnx.using_eager_sharding() and meta.global_mesh_defined():
+        mesh = meta.get_global_mesh()
+        names = set(mesh.axis_names)
+        spec = spmd.apply_rules(PartitionSpec(*axes), None)
+        known = [
+            entry if entry is not None and set(_axis_names(entry)) <= names else None
+            for entry in spec
+        ]
+        value = spmd.shard_value(value, PartitionSpec(*known), None, mesh)
+    return kind(value, out_sharding=axes, eager_sharding=False)
+
+
+def _axis_names(entry: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 class _InitSignature:
@@ -144,16 +160,10 @@ class Embedding(nnx.Module):
         config = _config.LayerConfig(**_config.select(locals()))
         params = config.initial_params(rngs.params() if weights is None else None)
         # The weights now live in the table, the rank and count in the adapter's shape, the
-        # format in the table's arrays and the token ids in a variable, so the config keeps
-        # none of them; `lora_alpha` may change with `enable_lora`.
-        self.config = dataclasses.replace(
-            config,
-            weights=None,
-            lora_rank=None,
-            quantization=None,
-            num_lora_adapters=None,
-            trainable_token_ids=None,
-        )
+        # format in the table's arrays and the token ids in a variable, and the initializer
+        # has done its job, so the config (static data of the graph) keeps none of them;
+        # `lora_alpha` may change with `enable_lora`.
+        self.config = config.after_creation()
         self.lora_alpha = config.lora_alpha
         self._set_table(params)
         if lora_rank is not None:
@@ -164,7 +174,13 @@ class Embedding(nnx.Module):
     def __getattr__(self, name: str) -> Any:
         # The layer's arguments read as attributes (`layer.input_dim`), as on the linen module.
         config = self.__dict__.get("config")
-        if config is not None and name in _config.NAMES and name != "weights":
+        if config is not None and name in _config.CREATION_ONLY:
+            raise AttributeError(
+                f"{type(self).__name__!r} keeps no {name!r}: it is used only to create the "
+                "params (as flax's nnx.Embed keeps no initializer), so that layers built "
+                "alike share one graphdef."
+            )
+        if config is not None and name in _config.NAMES:
             return getattr(config, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
