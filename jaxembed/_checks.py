@@ -9,6 +9,7 @@ in `_registry`.
 from __future__ import annotations
 
 import numbers
+import sys
 from typing import Any
 
 import jax
@@ -33,9 +34,27 @@ def describe(value: Any) -> str:
     return f"{text} (of type {type(value).__name__})"
 
 
+def dense(name: str, value: Any) -> Any:
+    """`value` with a JAX sparse array (`jax.experimental.sparse.BCOO`, `BCSR`) made dense, as
+    Keras's `Embedding` reads sparse ids on the JAX backend (implicit zeros are id 0); a SciPy
+    sparse matrix is refused naming the fix. Anything else comes back as it is."""
+    # Looked up, not imported: without the module loaded no value can be one of its arrays.
+    jax_sparse = sys.modules.get("jax.experimental.sparse")
+    if jax_sparse is not None and isinstance(value, jax_sparse.JAXSparse):
+        return value.todense()
+    scipy_sparse = sys.modules.get("scipy.sparse")
+    if scipy_sparse is not None and scipy_sparse.issparse(value):
+        raise TypeError(
+            f"`{name}` must be an array; a SciPy sparse matrix is not read implicitly. "
+            f"Received: {name} of type {type(value).__name__}; pass `{name}.toarray()`."
+        )
+    return value
+
+
 def host_array(name: str, value: Any, expected: str, error: type[Exception]) -> np.ndarray:
     """`np.asarray(value)`, or `error` naming `name` when NumPy cannot make an array of it
-    (ragged nested lists, arbitrary objects)."""
+    (ragged nested lists, arbitrary objects); JAX sparse arrays are made dense first."""
+    value = dense(name, value)
     try:
         return np.asarray(value)
     except (TypeError, ValueError) as cause:
@@ -151,6 +170,7 @@ def integer_ids(ids: Any, name: str = "ids") -> np.ndarray | jax.Array:
     `2**32 + 3` to `3` when `jax_enable_x64` is off, so the out-of-range policy looks at the
     exact values first (`_out_of_range.prepare`).
     """
+    ids = dense(name, ids)
     if not isinstance(ids, jax.Array):
         expected = "a rectangular array of integers (token indices)"
         ids = host_array(name, ids, expected, TypeError)
@@ -173,8 +193,9 @@ def last_dim(name: str, array: Any, expected: int, expected_name: str) -> None:
 
 
 def floating_array(name: str, value: Any) -> jax.Array:
-    """Returns `value` as a JAX array if it holds floating-point numbers, else raises."""
-    array = jnp.asarray(value)
+    """Returns `value` as a JAX array if it holds floating-point numbers, else raises (a JAX
+    sparse array is made dense first)."""
+    array = jnp.asarray(dense(name, value))
     if not jnp.issubdtype(array.dtype, jnp.floating):
         raise TypeError(
             f"`{name}` must be a floating-point array. Received: {name} of dtype {array.dtype}."

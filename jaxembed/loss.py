@@ -170,7 +170,7 @@ def _starts(input_dim: int, chunk: int) -> tuple[jax.Array, jax.Array]:
 def _mask(where: Any, shape: tuple[int, ...]) -> jax.Array | None:
     if where is None:
         return None
-    mask = jnp.asarray(where)
+    mask = jnp.asarray(_checks.dense("where", where))
     if mask.dtype != jnp.bool_ or mask.shape != shape:
         raise ValueError(
             f"`where` must be a bool array of shape query.shape[:-1] = {shape}. Received: "
