@@ -41,7 +41,12 @@ def dense(name: str, value: Any) -> Any:
     # Looked up, not imported: without the module loaded no value can be one of its arrays.
     jax_sparse = sys.modules.get("jax.experimental.sparse")
     if jax_sparse is not None and isinstance(value, jax_sparse.JAXSparse):
-        return value.todense()
+        if value.dtype != jnp.bool_:
+            return value.todense()
+        # Densifying sums duplicates, which JAX refuses for bools: count, then compare.
+        children, aux = value.tree_flatten()
+        counts = type(value).tree_unflatten(aux, (children[0].astype(jnp.int32), *children[1:]))
+        return counts.todense() != 0
     scipy_sparse = sys.modules.get("scipy.sparse")
     if scipy_sparse is not None and scipy_sparse.issparse(value):
         raise TypeError(
