@@ -29,6 +29,19 @@ def own_sharding(array: Any) -> NamedSharding | None:
     return jax.typeof(array).sharding if explicit_mesh(array) else None
 
 
+def whole_last_dim(array: jax.Array) -> jax.Array:
+    """`array` with its last dimension unsplit on an Explicit mesh (as it is elsewhere).
+
+    `attend` moves the query's features onto the table's column axis; the per-example adapter
+    and trainable-token products then contract those features with small matrices, which is
+    simplest with each device holding whole query rows (the query is small: tokens x D).
+    """
+    if explicit_mesh(array) is None or _spec(array)[-1] is None:
+        return array
+    spec = PartitionSpec(*_spec(array)[:-1], None)
+    return jax.sharding.reshard(array, NamedSharding(jax.typeof(array).sharding.mesh, spec))
+
+
 def _spec(array: Any) -> tuple[SpecEntry, ...]:
     """The array's PartitionSpec from its type, one entry per dimension."""
     spec = tuple(getattr(jax.typeof(array).sharding, "spec", ()) or ())

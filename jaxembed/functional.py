@@ -390,7 +390,8 @@ def attend(
         if choice is None:
             logits = lora.add_to_logits(logits, query, adapter, lora_scale, shardings)
         else:
-            logits = lora.add_stacked_to_logits(logits, query, adapter, choice, lora_scale)
+            whole = _mesh.whole_last_dim(query)
+            logits = lora.add_stacked_to_logits(logits, whole, adapter, choice, lora_scale)
     if table.tokens is not None:
-        logits = trainable_tokens.add_to_logits(logits, query, table.tokens)
+        logits = trainable_tokens.add_to_logits(logits, _mesh.whole_last_dim(query), table.tokens)
     return loss.soft_cap(logits, logit_soft_cap)
