@@ -12,8 +12,9 @@ Example:
 
 The public API, re-exported; everything is defined in the modules named beside each group.
 Every submodule is an attribute of the package; `jaxembed.nnx` is imported on first access,
-because importing `flax.nnx` adds over 10% (about 0.1 s) to `import jaxembed`, and so is
-`jaxembed.interop` (its optional dependencies are imported where they are used).
+because importing `flax.nnx` adds over 10% (about 0.1 s) to `import jaxembed`, and so are
+`jaxembed.interop` (its optional dependencies are imported where they are used) and
+`jaxembed.multihost` (tooling, also run as `python -m jaxembed.multihost`).
 """
 
 import importlib as _importlib
@@ -47,7 +48,7 @@ from jaxembed.trainable_tokens import enable_trainable_tokens, merge_trainable_t
 from jaxembed.vocabulary import resize
 
 if _typing.TYPE_CHECKING:
-    from jaxembed import interop, nnx
+    from jaxembed import interop, multihost, nnx
 
 __version__ = "0.1.0"
 
@@ -74,6 +75,7 @@ __all__ = [
     "loss",
     "merge_lora",
     "merge_trainable_tokens",
+    "multihost",
     "nnx",
     "optim",
     "quantization",
@@ -87,7 +89,8 @@ __all__ = [
     "vocabulary",
 ]
 
-_LAZY_SUBMODULES = ("interop", "nnx")
+# multihost too: `python -m jaxembed.multihost` runs it as __main__, which must come first.
+_LAZY_SUBMODULES = ("interop", "multihost", "nnx")
 
 
 def __getattr__(name: str) -> _types.ModuleType:

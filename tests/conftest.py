@@ -11,10 +11,11 @@ os.environ["KERAS_BACKEND"] = "jax"
 import jax
 import pytest
 
-# tests/multidevice needs 8 simulated devices, fixed when JAX's backend starts: it is its own
-# pytest invocation, `pytest tests/multidevice` (a path given on the command line is collected
-# even when listed here), and README's test command runs both.
-collect_ignore = ["multidevice"]
+# tests/multidevice needs 8 simulated devices, fixed when JAX's backend starts, and
+# tests/multihost starts processes joined by jax.distributed: each is its own pytest
+# invocation, `pytest tests/multidevice` and `pytest tests/multihost` (a path given on the
+# command line is collected even when listed here), and README's test command runs all three.
+collect_ignore = ["multidevice", "multihost"]
 
 
 @pytest.fixture(params=["without_jit", "with_jit"])
