@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import signal
 import socket
@@ -45,7 +46,15 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
-__all__ = ["LaunchError", "ProcessResult", "free_port", "initialize", "launch", "main"]
+__all__ = [
+    "LaunchError",
+    "ProcessResult",
+    "free_port",
+    "initialize",
+    "launch",
+    "local_rows",
+    "main",
+]
 
 # JAX reads the coordinator from JAX_COORDINATOR_ADDRESS itself; the count and the rank are
 # jaxembed's names, since JAX's auto-detection only knows cluster managers' variables.
@@ -409,6 +418,54 @@ def _int_from_env(name: str) -> int | None:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def local_rows(sharding: jax.sharding.Sharding, global_shape: Sequence[int], dim: int = 0) -> slice:
+    """The range of dimension `dim` of a `global_shape` array that this process's devices hold
+    under `sharding`: the part of a global batch this host loads, e.g. for
+    `jax.make_array_from_process_local_data(sharding, batch[rows], global_shape)`.
+
+    On a `(data, model)` mesh whose "data" rows are hosts, each host holds `1 / hosts` of the
+    batch; where every host's devices span all of "data" (the vocabulary split across hosts
+    instead), each holds all of it.
+
+    Args:
+        sharding: the global array's sharding.
+        global_shape: the global array's shape.
+        dim: the dimension split between hosts (the batch).
+
+    Returns:
+        `slice(start, stop)` with `0 <= start < stop <= global_shape[dim]`.
+
+    Raises:
+        ValueError: this process's devices hold no part of the array, or parts of `dim` that
+            are not contiguous (a device order that interleaves hosts).
+
+    Example:
+        >>> import jax, jaxembed.multihost
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> mesh = jax.make_mesh((1,), ("data",))
+        >>> jaxembed.multihost.local_rows(NamedSharding(mesh, P("data")), (8, 16))
+        slice(0, 8, None)
+    """
+    shape = tuple(global_shape)
+    if not 0 <= dim < len(shape):
+        raise ValueError(f"dim must index global_shape {shape}, got {dim!r}")
+    indices = sharding.addressable_devices_indices_map(shape).values()
+    spans = sorted({_span(index[dim], shape[dim]) for index in indices})
+    if not spans:
+        raise ValueError(f"this process (rank {jax.process_index()}) holds no part of {sharding}")
+    if any(a[1] < b[0] for a, b in itertools.pairwise(spans)):
+        raise ValueError(
+            f"this process's devices hold non-contiguous parts {spans} of dimension {dim} "
+            f"under {sharding}: order the mesh's devices so each host's are adjacent"
+        )
+    return slice(spans[0][0], max(stop for _, stop in spans))
+
+
+def _span(index: slice, size: int) -> tuple[int, int]:
+    start, stop, _ = index.indices(size)
+    return start, stop
 
 
 def main(argv: Sequence[str] | None = None) -> int:
