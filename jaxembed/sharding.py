@@ -235,8 +235,8 @@ def vocab_parallel_update(
         table: `(input_dim, output_dim)`, input_dim divisible by the `vocab_axis` size;
             best placed as `P(vocab_axis, None)` already (else it is moved there).
         state: `optimizer.init(table)`, its rows placed like the table (their first dimension
-            split over `vocab_axis`, e.g. with `jax.device_put`: `init` does not follow the
-            table's sharding), its count replicated; the returned state is placed so.
+            split over `vocab_axis`, as `init` places them for a table already split so), its
+            count replicated; the returned state is placed so.
         ids: integer array of rank >= 1; its first dimension is split over `batch_axes`.
         row_grads: `ids.shape + (output_dim,)`, the gradient with respect to the looked-up
             rows (`jaxembed.sparse.value_and_row_grads`), split like the ids.

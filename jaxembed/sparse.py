@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from jaxembed import _checks, _out_of_range, _paths, _table, functional
+from jaxembed import _checks, _mesh, _out_of_range, _paths, _table, functional
 
 __all__ = [
     "RowwiseOptimizer",
@@ -68,7 +68,8 @@ class RowwiseState(NamedTuple):
     `input_dim`); an untouched row's entries never change.
 
     `count` is an int32 scalar; `rows` holds float32 arrays (`(input_dim, output_dim)` or
-    `(input_dim,)`), placed like the table's rows when the table is on a mesh.
+    `(input_dim,)`). For a table on a mesh (a `NamedSharding`, or an Explicit mesh under jit),
+    `init` places the rows like the table's rows and the count replicated on that mesh.
 
     Example:
         >>> import jax.numpy as jnp, jaxembed
@@ -183,21 +184,31 @@ def _check_state(
         )
 
 
-def _split_like(table: jax.Array, arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    """State rows placed like the table's rows (a vocab-sharded table gets vocab-sharded
-    state), so that a donated, sharded step needs no resharding."""
-    sharding = getattr(table, "sharding", None)
-    if _checks.is_traced(table) or not isinstance(sharding, jax.sharding.NamedSharding):
-        return arrays
-    rows_spec = tuple(sharding.spec)[:1]
-    return tuple(
-        jax.device_put(
-            array,
-            jax.sharding.NamedSharding(
-                sharding.mesh, jax.sharding.PartitionSpec(*rows_spec, *(None,) * (array.ndim - 1))
-            ),
+def _placed_like(table: jax.Array, count: jax.Array, rows: tuple[jax.Array, ...]) -> RowwiseState:
+    """The state placed on the table's mesh: rows split like the table's rows (a vocab-sharded
+    table gets vocab-sharded state, so that a donated, sharded step needs no resharding), the
+    count replicated: a global array, as a multi-host checkpoint needs (an eager scalar would
+    live on one device of one process)."""
+    if _checks.is_traced(table):
+        # Under jit, an Explicit mesh carries the table's sharding in its type; on Auto axes
+        # jit's shardings decide.
+        if _mesh.explicit_mesh(table) is None:
+            return RowwiseState(count, rows)
+        sharding, put = jax.typeof(table).sharding, jax.sharding.reshard
+    else:
+        sharding, put = getattr(table, "sharding", None), jax.device_put
+        if not isinstance(sharding, jax.sharding.NamedSharding):
+            return RowwiseState(count, rows)
+
+    def place(array: jax.Array, *spec: Any) -> jax.Array:
+        return put(
+            array, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
         )
-        for array in arrays
+
+    rows_spec = tuple(sharding.spec)[:1]
+    return RowwiseState(
+        place(count),
+        tuple(place(array, *rows_spec, *(None,) * (array.ndim - 1)) for array in rows),
     )
 
 
@@ -211,7 +222,7 @@ def _rowwise(
 
     def init(table: ArrayLike) -> RowwiseState:
         table = check_table(table)
-        return RowwiseState(jnp.zeros((), jnp.int32), _split_like(table, state_rows(table)))
+        return _placed_like(table, jnp.zeros((), jnp.int32), state_rows(table))
 
     def update(
         table: ArrayLike,

@@ -238,10 +238,20 @@ def test_errors_name_the_argument():
         )
 
 
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("name", ["rowwise_adagrad", "lazy_adam"])
-def test_init_splits_the_state_like_the_table(name):
+def test_init_places_the_state_on_the_tables_mesh(name, jitted):
+    """Rows split like the table's; the count replicated on the same mesh, a global array (a
+    multi-host checkpoint refuses a single-device one), eagerly and under jit."""
     mesh = make_mesh("explicit")
     table = put(mesh, initial_table(), "model", None)
-    state = OPTIMIZERS[name]().init(table)
+    init = OPTIMIZERS[name]().init
+    with jax.set_mesh(mesh):
+        state = (jax.jit(init) if jitted else init)(table)
     for array in state.rows:
         assert array.sharding.spec[0] == "model", array.sharding
+        assert array.sharding.mesh.shape == mesh.shape
+    assert state.count.sharding == NamedSharding(mesh, P()), state.count.sharding
+    # The control: a table on one device gives a state on one device.
+    single = OPTIMIZERS[name]().init(initial_table())
+    assert not isinstance(single.count.sharding, NamedSharding)
