@@ -12,7 +12,7 @@ multi-process tests and its sharded example, and meant for testing yours:
   enforces a timeout, and raises `LaunchError` with every process's output on failure.
 * `initialize()`, called first thing in each process, joins it to the others: it reads what
   `launch` put in the environment (or takes the arguments of `jax.distributed.initialize`),
-  and on CPU-only processes switches the CPU collectives to gloo, which cross-process CPU
+  and on CPU-only processes makes sure the CPU collectives are gloo, which cross-process CPU
   programs need.
 * `python -m jaxembed.multihost --num-processes 2 -- python train.py` does the same from a
   shell, each line of output prefixed with its process.
@@ -222,7 +222,7 @@ def launch(
             variables above are added.
         cwd: the processes' working directory.
         echo: a text stream (e.g. `sys.stdout`) to which each line is written as it comes,
-            prefixed with `[process i] `; None collects quietly.
+            prefixed with `[process i]` and a space; None collects quietly.
 
     Returns:
         One `ProcessResult` per process, by rank; every `returncode` is 0.
@@ -353,8 +353,8 @@ def initialize(
     environment `launch` sets (`JAX_COORDINATOR_ADDRESS`, `JAXEMBED_NUM_PROCESSES`,
     `JAXEMBED_PROCESS_ID`); where those are unset too, JAX detects the cluster itself (Cloud
     TPU, SLURM, Open MPI, Kubernetes). When JAX is restricted to the CPU (`JAX_PLATFORMS=cpu`,
-    which `launch` sets with simulated devices), the CPU collectives are switched to gloo:
-    without them a program whose devices span processes cannot compile on CPU.
+    which `launch` sets with simulated devices), the CPU collectives are set to gloo: the
+    default in recent JAX, but without them a CPU program spanning processes cannot run.
 
     Args:
         coordinator_address: `host:port` of process 0, which runs the coordinator service.

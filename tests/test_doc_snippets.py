@@ -4,7 +4,9 @@ a fresh namespace.
 An HTML comment on the line before a block says how to run it (MyST leaves HTML comments out of
 the rendered pages): `<!-- snippet: 8 devices -->` runs it in a subprocess with 8 simulated CPU
 devices (XLA fixes the device count when JAX's backend starts, and this process has started it
-with one), and `<!-- snippet: raises NAME -->` expects it to raise an exception of class NAME.
+with one), `<!-- snippet: raises NAME -->` expects it to raise an exception of class NAME, and
+`<!-- snippet: 2 processes -->` marks a multi-host program, run as 2 processes x 4 devices by
+the multi-process suite (tests/multihost/test_doc_snippets.py), not here.
 Tracebacks point at the Markdown file's own line numbers.
 """
 
@@ -38,6 +40,7 @@ MARKER = re.compile(r"^<!-- snippet:", re.M)
 FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})")
 HEADING = re.compile(r"^#{1,6} (.+)$")
 EIGHT_DEVICES = "8 devices"
+TWO_PROCESSES = "2 processes"  # run by tests/multihost/test_doc_snippets.py
 RAISES = re.compile(r"raises (\w+)")
 
 
@@ -133,7 +136,9 @@ def run_on_8_devices(code: str, tmp_path: pathlib.Path) -> None:
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-10000:]
 
 
-@pytest.mark.parametrize("snippet", SNIPPETS, ids=snippet_id)
+@pytest.mark.parametrize(
+    "snippet", [s for s in SNIPPETS if s.marker != TWO_PROCESSES], ids=snippet_id
+)
 def test_snippet_runs(snippet, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # anything a snippet writes stays out of the checkout
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # tempfile.mkdtemp() goes here too

@@ -17,12 +17,19 @@ def test_ci_runs_readme_test_command():
     assert test_command in [line.strip() for line in ci_lines]  # verbatim
 
 
-def test_test_command_runs_both_pytest_invocations():
+def test_test_command_runs_every_pytest_invocation():
     # Plain `pytest` leaves tests/multidevice out (it needs 8 devices from the start of its
-    # process: tests/conftest.py), so the command runs it as a second invocation.
+    # process) and tests/multihost (it starts processes joined by jax.distributed): see
+    # tests/conftest.py. The command runs each as an invocation of its own.
     steps = [step.strip() for step in bash_blocks()[1].strip().split("&&")]
-    assert steps == ['pip install -e ".[test]"', "pytest", "pytest tests/multidevice"]
-    assert list((ROOT / "tests" / "multidevice").glob("test_*.py"))  # never "no tests" (exit 5)
+    assert steps == [
+        'pip install -e ".[test]"',
+        "pytest",
+        "pytest tests/multidevice",
+        "pytest tests/multihost",
+    ]
+    for folder in ("multidevice", "multihost"):  # never "no tests" (exit 5)
+        assert list((ROOT / "tests" / folder).glob("test_*.py"))
 
 
 def test_main_example_exists():
