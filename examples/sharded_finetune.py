@@ -19,10 +19,34 @@ below before JAX starts unless XLA_FLAGS is already set or JAX_PLATFORMS names a
 accelerator); on GPUs or TPUs it uses the real ones. The mesh is `(2, n // 2)` for an even
 device count n, else `(1, n)`.
 
+Multi-host: the same script runs as one process per host, joined by `jax.distributed`
+(`jaxembed.multihost.initialize`), and the mesh spans every host's devices. Nothing is
+gathered onto one host: each process builds only the blocks of the params that its own
+devices hold (`jax.make_array_from_callback`, as it would read its rows of a checkpoint),
+supplies only its rows of each batch (`jax.make_array_from_process_local_data`), and the
+checks compare on the devices, reading back replicated scalars. Process 0 prints the run;
+every process prints which devices it holds and which rows of the table, A and the ids are
+on them. With the default mesh, "data" runs across hosts and "model" within each: every host
+holds the whole table in blocks over its own devices and feeds its share of the batch
+(`--data-parallel 1` splits the table's rows across the hosts instead).
+
 Run:
     python examples/sharded_finetune.py                      # Explicit mesh axes (default)
     python examples/sharded_finetune.py --axis-types auto    # Auto axes, jit in/out shardings
     python examples/sharded_finetune.py --help
+
+Multi-host runs:
+    # One machine, one command: 2 local processes x 4 simulated CPU devices (gloo
+    # collectives over localhost); each line of output is prefixed with its process.
+    python examples/sharded_finetune.py --local-processes 2
+    # A cluster: one process per host, each naming host 0 (which runs the coordinator).
+    python examples/sharded_finetune.py --num-processes 4 --process-id I --coordinator host0:1234
+    # Cloud TPU, SLURM, Open MPI, Kubernetes: JAX finds the coordinator, count and rank.
+    python examples/sharded_finetune.py --distributed
+(`--local-processes N` re-runs this script as N processes with `jaxembed.multihost.launch`,
+each with 8 // N simulated CPU devices and `--distributed`. The manual flags work on one
+machine too: `--num-processes 2 --process-id 0` and `... --process-id 1`, both with
+`--coordinator 127.0.0.1:PORT`, in two shells, 8 simulated devices each.)
 """
 
 from __future__ import annotations
@@ -38,17 +62,21 @@ import argparse
 import functools
 import json
 import pathlib
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxembed
+import jaxembed.multihost
 from jaxembed import _hlo  # reads collectives from compiled HLO (private tooling, not API)
 
 AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
@@ -58,6 +86,8 @@ PARAM_SPECS = {
     "lora_embeddings_b": P(None, None),  # (rank, D): small, replicated
 }
 IDS_SPEC = P("data", None)  # data-parallel: sequences split over "data"
+SIMULATED_DEVICES = 8  # in all, over the processes of --local-processes
+LAUNCH_TIMEOUT = 3600.0  # seconds for a --local-processes run, all processes together
 Params = dict[str, Any]
 
 
@@ -66,9 +96,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(
             "LoRA fine-tuning of a vocab-sharded jaxembed table with data-parallel ids on a "
-            "(data, model) device mesh; 8 simulated devices on a CPU."
+            "(data, model) device mesh; 8 simulated devices on a CPU, in one process or "
+            "several (multi-host)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # No abbreviations: --local-processes passes the rest of the command line on verbatim.
+        allow_abbrev=False,
     )
     add = parser.add_argument
     add(
@@ -104,12 +137,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--learning-rate", type=float, default=3e-2, help="Adam's learning rate")
     add("--seed", type=int, default=0, help="for the data and the params")
     add("--json", type=pathlib.Path, metavar="PATH", help="also write the results here")
+    hosts = parser.add_argument_group(
+        "multi-host",
+        "one process per host, joined by jax.distributed; or --local-processes on one machine",
+    )
+    hosts.add_argument(
+        "--local-processes",
+        type=int,
+        choices=[1, 2, 4, 8],
+        help=f"run as this many local processes of {SIMULATED_DEVICES} simulated CPU devices "
+        "in all (this script again, with --distributed, by jaxembed.multihost.launch)",
+    )
+    hosts.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-host run: jax.distributed finds the rest on Cloud TPU, SLURM, "
+        "Open MPI, Kubernetes (implied by the three flags below)",
+    )
+    hosts.add_argument("--num-processes", type=int, help="how many processes (hosts) take part")
+    hosts.add_argument("--process-id", type=int, help="this process's rank, 0 on the coordinator")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
     args = parser.parse_args(argv)
     for name in ("vocab_size", "dim", "rank", "cycle_length", "steps", "batch_size", "seq_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if not 2 <= args.cycle_length <= args.vocab_size:
         parser.error("--cycle-length must be between 2 and --vocab-size")
+    if args.num_processes is not None and args.num_processes < 1:
+        parser.error("--num-processes must be positive")
+    if args.process_id is not None and args.process_id < 0:
+        parser.error("--process-id must be non-negative")
+    manual = (args.num_processes, args.process_id, args.coordinator)
+    args.distributed = args.distributed or any(value is not None for value in manual)
+    if args.local_processes and args.distributed:
+        parser.error(
+            "--local-processes starts the processes itself: leave out --distributed, "
+            "--num-processes, --process-id and --coordinator"
+        )
     return args
 
 
@@ -125,9 +189,78 @@ def make_mesh(data: int | None, axis_types: str) -> jax.sharding.Mesh:
     )
 
 
+def run_local_processes(argv: Sequence[str] | None, count: int) -> dict[str, Any]:
+    """`--local-processes N`: this script again as N local processes of one multi-host
+    program (`jaxembed.multihost.launch`), with the same arguments less `--local-processes`
+    and plus `--distributed`, and 8 // N simulated CPU devices each; their output comes
+    through line by line, prefixed with `[process i]`. JAX's backend never starts here."""
+    rest, skip = [], False
+    for arg in sys.argv[1:] if argv is None else argv:
+        if not skip and arg != "--local-processes" and not arg.startswith("--local-processes="):
+            rest.append(arg)
+        skip = arg == "--local-processes"  # its value comes next
+    command = [sys.executable, str(pathlib.Path(__file__).resolve()), *rest, "--distributed"]
+    try:
+        jaxembed.multihost.launch(
+            command,
+            count,
+            devices_per_process=SIMULATED_DEVICES // count,
+            timeout=LAUNCH_TIMEOUT,
+            echo=sys.stdout,
+        )
+    except jaxembed.multihost.LaunchError as error:
+        raise SystemExit(str(error)) from None
+    return {"process_count": count}
+
+
+def log(*args: Any) -> None:
+    """`print`, from process 0 only: every process computes the same, one of them tells it."""
+    if jax.process_index() == 0:
+        print(*args)
+
+
 def place(tree: Any, specs: Any, mesh: jax.sharding.Mesh) -> Any:
-    """`jax.device_put` of each array with `NamedSharding(mesh, spec)`."""
-    return jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), tree, specs)
+    """Each host (NumPy) array as a global array with `NamedSharding(mesh, spec)`, by
+    `jax.make_array_from_callback`: JAX asks each process for the blocks its own devices
+    hold, and for nothing else. With a checkpoint, `np.load(path, mmap_mode="r")` in place
+    of the host array would read just those rows from disk."""
+
+    def global_array(host: np.ndarray, spec: P) -> jax.Array:
+        return jax.make_array_from_callback(
+            host.shape, NamedSharding(mesh, spec), lambda index: host[index]
+        )
+
+    return jax.tree.map(global_array, tree, specs)
+
+
+def load_ids(batch: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """The global ids array of `batch`, from this process's rows of it only (a data loader
+    would read just those): `local_rows` reads them off the sharding's
+    `addressable_devices_indices_map`, whatever the order of the mesh's devices."""
+    rows = jaxembed.multihost.local_rows(sharding, batch.shape)
+    return jax.make_array_from_process_local_data(sharding, batch[rows], batch.shape)
+
+
+def init_optimizer(tx: optax.GradientTransformation, trainable: Params, mesh: Any) -> Any:
+    """`tx.init` inside `jax.jit`, its outputs placed: mu and nu take each adapter matrix's
+    sharding, the step count is replicated over the mesh. (An eager `tx.init` would make
+    the count an array on one device of this process, which no global step can take.)"""
+    state = jax.eval_shape(tx.init, trainable)
+    placed = optax.tree_utils.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        state,
+        shardings(trainable),
+        transform_non_params=lambda _: NamedSharding(mesh, P()),
+    )
+    return jax.jit(tx.init, out_shardings=placed)(trainable)
+
+
+def on_every_device(fn: Any, mesh: jax.sharding.Mesh) -> Any:
+    """`fn` jitted with its (scalar) results replicated over the mesh: every process can
+    then read them with `float`/`bool`, where `np.asarray` of a global array whose blocks
+    live in several processes fails."""
+    return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
 
 
 def shardings(tree: Any) -> Any:
@@ -139,6 +272,50 @@ def shardings(tree: Any) -> Any:
 def shard_shape(x: jax.Array) -> tuple[int, ...]:
     """The shape of the block each device holds."""
     return tuple(x.addressable_shards[0].data.shape)
+
+
+def print_process_placements(arrays: dict[str, jax.Array]) -> None:
+    """Each process in turn (a barrier between) prints its devices and the rows of each
+    array that they hold, from its `addressable_shards`: what is really in its memory."""
+    devices = sorted(jax.local_devices(), key=lambda d: d.id)
+    lines = [
+        f"\nProcess {jax.process_index()} of {jax.process_count()}: devices "
+        f"{[d.id for d in devices]} of the {jax.device_count()}; the rows of each array on them:"
+    ]
+    for name, x in arrays.items():
+        rows = {s.device: s.index[0].indices(x.shape[0])[:2] for s in x.addressable_shards}
+        held = ", ".join(f"{rows[d][0]}:{rows[d][1]}" for d in devices)
+        lines.append(f"  {name:19s} {x.shape!s:12s} {held}")
+    ids = arrays["ids"]
+    rows = jaxembed.multihost.local_rows(ids.sharding, ids.shape)
+    lines.append(f"  it supplied rows {rows.start}:{rows.stop} of each batch of ids")
+    for process in range(jax.process_count()):
+        if process == jax.process_index():
+            print("\n".join(lines), flush=True)
+        multihost_utils.sync_global_devices(f"placements of process {process}")
+
+
+def placements_by_process(arrays: dict[str, jax.Array]) -> list[dict[str, Any]]:
+    """For every process, as the shardings say (any process can tell): its devices, the
+    `[start, stop)` rows of each array on each of them, and the ids rows it supplies."""
+    found = []
+    for process in range(jax.process_count()):
+        rows = {}
+        for name, x in arrays.items():
+            index_map = x.sharding.devices_indices_map(x.shape)
+            mine = sorted((d for d in index_map if d.process_index == process), key=lambda d: d.id)
+            rows[name] = [list(index_map[d][0].indices(x.shape[0])[:2]) for d in mine]
+        devices = sorted(d.id for d in jax.devices() if d.process_index == process)
+        supplied = sorted({tuple(block) for block in rows["ids"]})
+        found.append(
+            {
+                "process": process,
+                "devices": devices,
+                "rows": rows,
+                "ids_rows_supplied": [list(block) for block in supplied],
+            }
+        )
+    return found
 
 
 def collectives(compiled_text: str) -> list[tuple[str, str]]:
@@ -181,7 +358,7 @@ def make_model(vocab: int, alpha: float) -> tuple[Any, Any]:
 
 
 def print_row(name: str, shape: tuple[int, ...], spec: Any, block: Any) -> None:
-    print(f"  {name:27s} {shape!s:15s} {spec!s:25s} per device {block}")
+    log(f"  {name:27s} {shape!s:15s} {spec!s:25s} per device {block}")
 
 
 def check_step_collectives(
@@ -194,15 +371,15 @@ def check_step_collectives(
     full_table, full_a = f"f32[{vocab},{dim}]", f"f32[{vocab},{rank}]"  # as HLO spells them
     table_gathered = _hlo.all_gathers(compiled_text, (vocab, dim))
     a_gathered = _hlo.all_gathers(compiled_text, (vocab, rank))
-    print(f"Collectives in the compiled step: {listing(found)}")
-    print(
+    log(f"Collectives in the compiled step: {listing(found)}")
+    log(
         f"  all-gather of the whole table {full_table}: {table_gathered}; "
         f"of the whole A {full_a}: {a_gathered}"
     )
     control = _hlo.compiled_text(replicate, table)
     # With a single "model" device the table is whole already: nothing to gather.
     control_detected = _hlo.all_gathers(control, (vocab, dim)) if model > 1 else None
-    print(
+    log(
         f"  control, a deliberate reshard to replicated, found by the same search: "
         f"{control_detected}"
     )
@@ -232,15 +409,19 @@ def check_vocab_parallel(
     )
     reference = jax.jit(functools.partial(jaxembed.apply, out_of_range="clip", lora_alpha=alpha))
     out = vocab_parallel(params, tokens)
-    expected = np.asarray(reference(params, tokens))
-    diff = float(np.abs(np.asarray(out) - expected).max())
-    equal = bool(np.allclose(out, expected, rtol=1e-6, atol=1e-6))
+    expected = reference(params, tokens)
+    # Compared on the devices, where the blocks are; only two replicated scalars come back.
+    compare = on_every_device(
+        lambda a, b: (jnp.abs(a - b).max(), jnp.allclose(a, b, rtol=1e-6, atol=1e-6)), mesh
+    )
+    diff, close = compare(out, expected)
+    diff, equal = float(diff), bool(close)
     found = collectives(_hlo.compiled_text(vocab_parallel, params, tokens))
-    print(
+    log(
         f"\nvocab_parallel_apply vs apply on the last batch: max |diff| {diff:.2e}, "
         f"equal: {equal}; output {out.shape} {out.sharding.spec}"
     )
-    print(
+    log(
         f"  its collectives: {listing(found)} (table rows and A's rank-r rows, summed over 'model')"
     )
     return {
@@ -253,9 +434,14 @@ def check_vocab_parallel(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Fine-tunes, prints each step's loss and the checks, and returns what the test checks."""
     args = parse_args(argv)
+    if args.local_processes:
+        return run_local_processes(argv, args.local_processes)
+    if args.distributed:  # first: before anything asks JAX for devices
+        jaxembed.multihost.initialize(args.coordinator, args.num_processes, args.process_id)
     start_time = time.perf_counter()
     vocab, dim, rank, alpha = args.vocab_size, args.dim, args.rank, args.lora_alpha
     explicit = args.axis_types == "explicit"
+    processes = jax.process_count()
 
     mesh = make_mesh(args.data_parallel, args.axis_types)
     data, model = mesh.shape["data"], mesh.shape["model"]
@@ -268,10 +454,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(
             f"--batch-size {args.batch_size} must be divisible by the 'data' axis size {data}"
         )
-    print(f"{jax.device_count()} {jax.devices()[0].platform} devices; {mesh}")
-    print(f"device ids by (data, model):\n{mesh.device_ids}")
+    in_processes = f" in {processes} processes" if processes > 1 else ""
+    log(f"{jax.device_count()} {jax.devices()[0].platform} devices{in_processes}; {mesh}")
+    log(f"device ids by (data, model):\n{mesh.device_ids}")
 
     # Data: windows of a fixed random cycle through tokens spread over the whole vocabulary.
+    # Every process draws the same global batches; each feeds only its rows (`load_ids`).
     rng = np.random.default_rng(args.seed)
     cycle = rng.choice(vocab, size=args.cycle_length, replace=False)
     batches = cycle_batches(rng, cycle, args.steps, args.batch_size, args.seq_len + 1)
@@ -283,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     params = jaxembed.enable_lora(
         jaxembed.init(None, vocab, dim, weights=pretrained), jax.random.key(args.seed), rank
     )
+    checkpoint = jax.tree.map(np.asarray, params)  # host arrays, as a checkpoint's would be
     # A frozen D x D projection between the lookup and the tied output layer: with the same
     # table on both sides and nothing between, the logits would be a symmetric Gram matrix,
     # which cannot make every token's successor outscore the token itself.
@@ -291,11 +480,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tx = optax.adam(args.learning_rate)
 
     with jax.set_mesh(mesh):
-        params = place(params, PARAM_SPECS, mesh)
-        body = jax.device_put(body, NamedSharding(mesh, P(None, None)))
-        table_before = np.asarray(params["embeddings"])  # a host copy, for the final check
+        # Each process builds only the blocks its own devices hold, of the params and ids.
+        params = place(checkpoint, PARAM_SPECS, mesh)
+        body = place(body, P(None, None), mesh)
+        ids_sharding = NamedSharding(mesh, IDS_SPEC)
+        tokens = load_ids(batches[0], ids_sharding)
         trainable, frozen = jaxembed.lora.split_trainable(params)  # A and B | the table
-        opt_state = tx.init(trainable)  # mu and nu take each adapter matrix's sharding
+        opt_state = init_optimizer(tx, trainable, mesh)  # mu, nu sharded as A and B
+        if processes > 1:
+            print_process_placements({**params, "ids": tokens})
 
         def step(
             trainable: Params, opt_state: Any, frozen: Params, body: jax.Array, tokens: jax.Array
@@ -305,7 +498,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             updates, opt_state = tx.update(grads, opt_state, trainable)
             return optax.apply_updates(trainable, updates), opt_state, loss
 
-        tokens = jax.device_put(batches[0], NamedSharding(mesh, IDS_SPEC))
         first_args = (trainable, opt_state, frozen, body, tokens)
         if explicit:
             # The shardings are in the arrays' types and jaxembed derives its outputs' from
@@ -324,19 +516,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 ),
             )
 
-        print(
+        log(
             f"\nFine-tuning LoRA (rank {rank}, alpha {alpha:g}) on a ({vocab}, {dim}) table, "
             f"{args.axis_types} axes, batches of {args.batch_size} x {args.seq_len} tokens"
         )
         losses = []
         for i, batch in enumerate(batches):
-            tokens = jax.device_put(batch, NamedSharding(mesh, IDS_SPEC))
+            tokens = load_ids(batch, ids_sharding)
             trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, body, tokens)
-            losses.append(float(loss))
-            print(f"  step {i + 1:3d}  loss {losses[-1]:.4f}")
+            losses.append(float(loss))  # the global loss: replicated, the same in every process
+            log(f"  step {i + 1:3d}  loss {losses[-1]:.4f}")
         tuned = jaxembed.lora.combine(trainable, frozen)
 
-        print("\nShardings (spec, and the block each device holds):")
+        log("\nShardings (spec, and the block each device holds):")
         adam_mu = optax.tree_utils.tree_get(opt_state, "mu")
         arrays = {
             **tuned,
@@ -353,12 +545,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if explicit:  # the sharding is part of the type, known before anything runs
                 print_row(name, x.shape, x.sharding.spec, x.sharding.shard_shape(x.shape))
             else:
-                print(f"  {name:27s} {x.shape!s:15s} chosen by the partitioner (Auto axes)")
+                log(f"  {name:27s} {x.shape!s:15s} chosen by the partitioner (Auto axes)")
 
-        table_unchanged = bool(np.array_equal(np.asarray(tuned["embeddings"]), table_before))
+        same = on_every_device(jnp.array_equal, mesh)  # compared where the blocks are
+        table_unchanged = bool(same(tuned["embeddings"], params["embeddings"]))
         loss_decreased = losses[-1] < losses[0]
-        print(f"\nBase table bit-identical after fine-tuning: {table_unchanged}")
-        print(f"Loss went down: {losses[0]:.4f} -> {losses[-1]:.4f}: {loss_decreased}")
+        log(f"\nBase table bit-identical after fine-tuning: {table_unchanged}")
+        log(f"Loss went down: {losses[0]:.4f} -> {losses[-1]:.4f}: {loss_decreased}")
 
         def replicate(table: jax.Array) -> jax.Array:
             """The control: gathers the whole table on every device, on purpose."""
@@ -374,15 +567,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     n_state = sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim)  # Adam's count aside
     seconds = time.perf_counter() - start_time
-    print(
+    log(
         f"\nTrained {n_trainable:,} adapter floats of {n_trainable + vocab * dim:,}; "
         f"Adam state {n_state:,} floats (none for the table). {seconds:.1f} s."
     )
+    if processes > 1:  # every process: the same global loss, the same compiled step
+        print(
+            f"Process {jax.process_index()}: global loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
+            f"whole table all-gathered: {gather_results['table_all_gathered']}"
+        )
     results = {
+        "process_count": processes,
         "device_count": jax.device_count(),
         "platform": jax.devices()[0].platform,
         "mesh": {"shape": dict(mesh.shape), "axis_types": args.axis_types},
         "placements": placements,
+        "process_placements": placements_by_process({**tuned, "ids": tokens}),
         "losses": losses,
         "loss_decreased": loss_decreased,
         "table_unchanged": table_unchanged,
@@ -392,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "optimizer_state_floats": int(n_state),
         "seconds": seconds,
     }
-    if args.json is not None:
+    if args.json is not None and jax.process_index() == 0:
         args.json.write_text(json.dumps(results, indent=2))
     return results
 
