@@ -1254,3 +1254,56 @@ class TestAdapterIds:
             jaxembed.apply(PARAMS, self.IDS, adapter_ids=np.zeros(3, np.int32))
         with pytest.raises(ValueError, match="adapter_ids"):
             jaxembed.attend(PARAMS, np.ones((3, D), np.float32), adapter_ids=np.zeros(3, np.int32))
+
+
+class TestMultihostArguments:
+    """`jaxembed.multihost`: bad arguments are refused before any process starts, naming the
+    argument and the value."""
+
+    def launch(self, num_processes=1, **kwargs):
+        import jaxembed.multihost
+
+        return jaxembed.multihost.launch(["true"], num_processes, **kwargs)
+
+    @pytest.mark.parametrize("command", ["python -c 1", [], ["python", 3], None])
+    def test_command(self, command):
+        import jaxembed.multihost
+
+        with pytest.raises(ValueError, match=r"command must be a non-empty sequence of strings"):
+            jaxembed.multihost.launch(command, 1)
+
+    @pytest.mark.parametrize("value", [0, -1, True, 2.0, "2"])
+    def test_num_processes(self, value):
+        with pytest.raises(
+            ValueError, match=rf"num_processes must be a positive int, got {value!r}"
+        ):
+            self.launch(num_processes=value)
+
+    @pytest.mark.parametrize("value", [0, -4, 1.5])
+    def test_devices_per_process(self, value):
+        with pytest.raises(ValueError, match=r"devices_per_process must be a positive int"):
+            self.launch(devices_per_process=value)
+
+    @pytest.mark.parametrize("value", [0, -1.0, "60", True, float("nan")])
+    def test_timeout(self, value):
+        with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds"):
+            self.launch(timeout=value)
+
+    @pytest.mark.parametrize("name", ["JAXEMBED_NUM_PROCESSES", "JAXEMBED_PROCESS_ID"])
+    def test_environment_variables_of_initialize(self, name, monkeypatch):
+        import jaxembed.multihost
+
+        monkeypatch.setenv(name, "two")
+        with pytest.raises(ValueError, match=rf"environment variable {name} must be an integer"):
+            jaxembed.multihost.initialize("127.0.0.1:1")
+
+    def test_local_rows_dim(self):
+        import jaxembed.multihost
+
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        for dim in (2, -1):
+            with pytest.raises(
+                ValueError, match=rf"dim must index global_shape \(8, 4\), got {dim}"
+            ):
+                jaxembed.multihost.local_rows(sharding, (8, 4), dim)
+        assert jaxembed.multihost.local_rows(sharding, (8, 4), 1) == slice(0, 4)

@@ -186,3 +186,32 @@ def test_command_line_failure_exits_nonzero_with_the_message():
     assert result.returncode == 1
     assert "process 1 failed (exit code 1)" in result.stderr
     assert "--- process 0 (stopped while running), output" in result.stderr
+
+
+def test_local_rows_follows_the_devices_of_each_process():
+    # Three meshes over the same 8 devices: "data" across the processes (each holds half of
+    # the batch), "data" within each (each holds all of it), and devices interleaved so that
+    # a process's rows are not contiguous (refused, saying how to order them).
+    code = """
+    import jax, numpy as np
+    import jaxembed.multihost
+    jaxembed.multihost.initialize()
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    devices = np.array(jax.devices())  # process 0's 4, then process 1's
+    def rows(grid):
+        sharding = NamedSharding(Mesh(grid, ("data", "model")), P("data", None))
+        try:
+            return jaxembed.multihost.local_rows(sharding, (16, 3))
+        except ValueError as error:
+            assert "order the mesh's devices so each host's are adjacent" in str(error)
+            return str(error).split(" of dimension")[0]
+    interleaved = devices.reshape(2, 4).T.reshape(8, 1)
+    print(jax.process_index(), rows(devices.reshape(2, 4)), rows(devices.reshape(2, 4).T),
+          rows(interleaved), sep=" | ")
+    """
+    results = launch(python(code), 2, timeout=120)
+    refused = "this process's devices hold non-contiguous parts {}"
+    assert [r.output.strip().splitlines()[-1].split(" | ") for r in results] == [
+        ["0", "slice(0, 8, None)", "slice(0, 16, None)", refused.format([(0, 2), (4, 6), (8, 10), (12, 14)])],
+        ["1", "slice(8, 16, None)", "slice(0, 16, None)", refused.format([(2, 4), (6, 8), (10, 12), (14, 16)])],
+    ]  # fmt: skip
