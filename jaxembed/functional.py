@@ -384,14 +384,16 @@ def attend(
     if shardings is not None:
         query = jax.sharding.reshard(query, shardings.query)
     logits = table.contract(query, shardings)
+    # Per-example adapters and trainable tokens contract whole query rows (`whole_last_dim`).
+    per_example = choice is not None or table.tokens is not None
+    whole = _mesh.whole_last_dim(query) if per_example else query
     if table.adapter is not None:
         adapter = table.adapter
         lora_scale = lora.scale(adapter.rank, lora_alpha, use_rslora)
         if choice is None:
             logits = lora.add_to_logits(logits, query, adapter, lora_scale, shardings)
         else:
-            whole = _mesh.whole_last_dim(query)
             logits = lora.add_stacked_to_logits(logits, whole, adapter, choice, lora_scale)
     if table.tokens is not None:
-        logits = trainable_tokens.add_to_logits(logits, _mesh.whole_last_dim(query), table.tokens)
+        logits = trainable_tokens.add_to_logits(logits, whole, table.tokens)
     return loss.soft_cap(logits, logit_soft_cap)
