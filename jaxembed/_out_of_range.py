@@ -17,6 +17,7 @@ Ids are compared with the vocabulary in their own dtype before any narrowing cas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -76,41 +77,50 @@ def message(input_dim: int, bad_id: Any) -> str:
     )
 
 
-def _bounds(dtype: np.dtype, input_dim: int) -> tuple[bool, bool]:
-    """Which comparisons can be false for ids of `dtype`: (id < 0 possible, id >= input_dim
+def _bounds(dtype: np.dtype, high: int, low: int = 0) -> tuple[bool, bool]:
+    """Which comparisons can be false for ids of `dtype`: (id < low possible, id >= high
     possible). Skipping the impossible ones keeps every constant representable in `dtype`."""
     info = np.iinfo(dtype)
-    return info.min < 0, info.max >= input_dim
+    return info.min < low, info.max >= high
 
 
-def _host_check(ids: np.ndarray, input_dim: int) -> None:
-    """`IndexError` naming the first bad id, with the exact value the user passed."""
-    bad = (ids < 0) | (ids >= input_dim)
+def host_check(
+    ids: np.ndarray, high: int, describe: Callable[[Any], str] | None = None, low: int = 0
+) -> None:
+    """`IndexError` naming the first id outside `[low, high)`, with the exact value the user
+    passed; `describe(bad_id)` is the message (default: a vocabulary of `high` rows)."""
+    bad = (ids < low) | (ids >= high)
     if bad.any():
-        raise IndexError(message(input_dim, int(ids[bad].flat[0])))
+        raise IndexError((describe or _vocabulary(high))(int(ids[bad].flat[0])))
 
 
-def _device_valid(ids: jax.Array, input_dim: int) -> jax.Array:
-    can_be_negative, can_be_too_large = _bounds(ids.dtype, input_dim)
+def device_valid(ids: jax.Array, high: int, low: int = 0) -> jax.Array:
+    """Bool mask of the ids in `[low, high)`, compared in the ids' own dtype."""
+    can_be_low, can_be_high = _bounds(ids.dtype, high, low)
     valid = jnp.ones(ids.shape, bool)
-    if can_be_negative:
-        valid &= ids >= 0
-    if can_be_too_large:
-        valid &= ids < jnp.asarray(input_dim, ids.dtype)
+    if can_be_low:
+        valid &= ids >= jnp.asarray(low, ids.dtype)
+    if can_be_high:
+        valid &= ids < jnp.asarray(high, ids.dtype)
     return valid
 
 
-def _device_check(ids: jax.Array, valid: jax.Array, input_dim: int) -> None:
+def device_check(ids: jax.Array, valid: jax.Array, describe: Callable[[Any], str]) -> None:
     """Concrete ids: `IndexError` now. Traced ids: a check that checkify reports and that
-    compiles to nothing otherwise (`checkify.debug_check`), so plain jit works."""
+    compiles to nothing otherwise (`checkify.debug_check`), so plain jit works. `describe`
+    makes the message from the bad id (a checkify format field when traced)."""
     largest = jnp.asarray(np.iinfo(ids.dtype).max, ids.dtype)
     # A reduction rather than indexing at argmin: it also compiles for ids sharded over an
     # Explicit mesh; `initial` keeps it defined for empty ids. It names the smallest bad id.
     smallest_bad = jnp.min(jnp.where(valid, largest, ids), initial=largest)
     if _checks.is_traced(ids) or _checks.is_traced(valid):
-        checkify.debug_check(jnp.all(valid), message(input_dim, "{bad_id}"), bad_id=smallest_bad)
+        checkify.debug_check(jnp.all(valid), describe("{bad_id}"), bad_id=smallest_bad)
     elif not bool(jnp.all(valid)):
-        raise IndexError(message(input_dim, smallest_bad.item()))
+        raise IndexError(describe(smallest_bad.item()))
+
+
+def _vocabulary(input_dim: int) -> Callable[[Any], str]:
+    return lambda bad_id: message(input_dim, bad_id)
 
 
 def _representable(ids: np.ndarray, input_dim: int, dtype: np.dtype) -> np.ndarray:
@@ -136,10 +146,10 @@ def prepare(ids: Any, input_dim: int, out_of_range: str) -> Indices:
     dtype = index_dtype(input_dim)
     if isinstance(ids, np.ndarray):
         if out_of_range == "error":
-            _host_check(ids, input_dim)
+            host_check(ids, input_dim)
         ids = jnp.asarray(_representable(ids, input_dim, dtype))
     elif out_of_range == "error":
-        _device_check(ids, _device_valid(ids, input_dim), input_dim)
+        device_check(ids, device_valid(ids, input_dim), _vocabulary(input_dim))
     if out_of_range == "clip":
         can_be_negative, can_be_too_large = _bounds(ids.dtype, input_dim)
         if can_be_negative:
@@ -150,7 +160,7 @@ def prepare(ids: Any, input_dim: int, out_of_range: str) -> Indices:
     if np.can_cast(ids.dtype, dtype, casting="safe"):
         # A widening cast keeps every value, so the gather's bounds check sees the bad ones.
         return Indices(ids.astype(dtype), fill=True)
-    return Indices(jnp.where(_device_valid(ids, input_dim), ids.astype(dtype), -1), fill=True)
+    return Indices(jnp.where(device_valid(ids, input_dim), ids.astype(dtype), -1), fill=True)
 
 
 def update_ids(ids: Any, input_dim: int, policy_name: str, padding_idx: int | None) -> jax.Array:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from jaxembed import _checks, _mesh, _paths, _table, initializers
+from jaxembed import _checks, _mesh, _out_of_range, _paths, _table, initializers
 from jaxembed._table import LORA_A, LORA_B, LORA_DTYPE, LORA_KEYS, Adapter, Params
 
 __all__ = [
@@ -157,27 +157,21 @@ def adapter_choice(adapter_ids: Any, count: int, shape: tuple[int, ...], of: str
             f"(one id per example, e.g. ({shape[0] if shape else ''},)). Received: "
             f"adapter_ids of shape {prefix}."
         )
-    message = (
-        f"`adapter_ids` must lie in [-1, n_adapters) = [-1, {count}) (-1: the base table "
-        "alone); got {bad_id}."
-    )
-    if isinstance(ids, np.ndarray):  # exact values, before any narrowing cast
-        bad = (ids < -1) | (ids >= count)
-        if bad.any():
-            raise IndexError(message.format(bad_id=int(ids[bad].flat[0])))
+
+    def describe(bad_id: Any) -> str:
+        return (
+            f"`adapter_ids` must lie in [-1, n_adapters) = [-1, {count}) (-1: the base table "
+            f"alone); got {bad_id}."
+        )
+
+    # The range check of ids, with -1 allowed: compared in the ids' own dtype (a uint32
+    # 2**32 - 1 must not wrap to -1, the base), exact host values before any narrowing cast.
+    if isinstance(ids, np.ndarray):
+        _out_of_range.host_check(ids, count, describe, low=-1)
         ids = jnp.asarray(ids.astype(np.int32))
-    # Compared in the ids' own dtype (a uint32 2**32 - 1 must not wrap to -1, the base).
-    info = np.iinfo(ids.dtype)
-    valid = jnp.ones_like(ids, bool) if info.max < count else ids < count
-    if info.min < 0:
-        valid &= ids >= -1
-    if _checks.is_traced(ids) or _checks.is_traced(valid):
-        largest = jnp.asarray(info.max, ids.dtype)
-        smallest_bad = jnp.min(jnp.where(valid, largest, ids), initial=largest)
-        checkify.debug_check(jnp.all(valid), message, bad_id=smallest_bad)
-    elif not bool(jnp.all(valid)):
-        raise IndexError(message.format(bad_id=ids[~valid].ravel()[0].item()))
-    use = valid & (ids >= 0) if info.min < 0 else valid
+    valid = _out_of_range.device_valid(ids, count, low=-1)
+    _out_of_range.device_check(ids, valid, describe)
+    use = valid & (ids >= 0) if np.iinfo(ids.dtype).min < 0 else valid
     index = jnp.where(use, ids, 0).astype(jnp.int32)
     return AdapterChoice(index, use, valid)
 
