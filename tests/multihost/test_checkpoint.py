@@ -25,7 +25,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from conftest import run_workers
+from workers import run_workers
 
 PROCESSES = (0, 1)
 MODES = ("uninterrupted", "resume")

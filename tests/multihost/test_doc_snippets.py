@@ -6,7 +6,7 @@ import importlib.util
 import pathlib
 
 import pytest
-from conftest import run_workers
+from workers import run_workers
 
 TESTS = pathlib.Path(__file__).resolve().parent.parent
 

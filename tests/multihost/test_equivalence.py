@@ -31,8 +31,8 @@ import jax
 import numpy as np
 import pytest
 import scenarios
-from conftest import NUM_PROCESSES, run_workers
 from scenarios import CASES, LAYOUTS, Case, D, V
+from workers import NUM_PROCESSES, run_workers
 
 PROCESSES = range(NUM_PROCESSES)
 FLOAT_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
