@@ -42,6 +42,23 @@ def whole_last_dim(array: jax.Array) -> jax.Array:
     return jax.sharding.reshard(array, NamedSharding(jax.typeof(array).sharding.mesh, spec))
 
 
+def explicit_row_axes(array: jax.Array) -> SpecEntry:
+    """The mesh axis (or axes) splitting `array`'s first dimension on an Explicit mesh, else
+    None (Auto axes, no mesh, a whole first dimension)."""
+    return _spec(array)[0] if explicit_mesh(array) is not None and array.ndim else None
+
+
+def explicit_column_axes(array: jax.Array) -> SpecEntry:
+    """The mesh axis (or axes) splitting `array`'s last dimension on an Explicit mesh, else
+    None."""
+    return _spec(array)[-1] if explicit_mesh(array) is not None and array.ndim else None
+
+
+def axes_of(entry: SpecEntry) -> set[str]:
+    """The mesh axis names of one PartitionSpec entry."""
+    return _axes([entry])
+
+
 def _spec(array: Any) -> tuple[SpecEntry, ...]:
     """The array's PartitionSpec from its type, one entry per dimension."""
     spec = tuple(getattr(jax.typeof(array).sharding, "spec", ()) or ())

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxembed import _checks, _out_of_range, _table, lora, trainable_tokens
+from jaxembed import _checks, _mesh, _out_of_range, _table, lora, trainable_tokens
 
 __all__ = ["attend_cross_entropy", "soft_cap"]
 
@@ -202,6 +202,11 @@ def attend_cross_entropy(
     reduced over the positions where `where` is True. Memory: one `(tokens, chunk_size)`
     float32 block of logits at a time, forward and backward.
 
+    On a mesh with Explicit axes, a table split by rows (or by rows and columns) or a query
+    split by its first dimension is read from the arrays' types, and each device walks its
+    own rows for its own tokens: `jaxembed.sharding.vocab_parallel_attend_cross_entropy`,
+    called with those axes, which moves per-token statistics only.
+
     Args:
         params: from `init` (LoRA adapters included, as `attend` computes them).
         query: floating `(..., output_dim)`.
@@ -228,7 +233,9 @@ def attend_cross_entropy(
     Raises:
         TypeError: a non-floating query, or non-integer labels.
         ValueError: malformed params or stacked adapters, a query whose last dimension is not
-            `output_dim`, labels or `where` not shaped `query.shape[:-1]`, or a bad option.
+            `output_dim`, labels or `where` not shaped `query.shape[:-1]`, or a bad option;
+            on Explicit axes, a table split by columns alone, or trainable tokens with any
+            split (and what `vocab_parallel_attend_cross_entropy` raises).
         IndexError: an out-of-range label under "error", for concrete labels.
 
     Example:
@@ -240,8 +247,19 @@ def attend_cross_entropy(
         >>> jaxembed.attend_cross_entropy(params, query, labels, where=mask).shape
         ()
     """
-    setup = _setup(params, query, labels, **_options(locals()))
+    options = _options(locals())
+    setup = _setup(params, query, labels, **options)
     table, adapter = setup.table, setup.table.adapter
+    if (split := _explicit_split(table, setup.query)) is not None:
+        # On an Explicit mesh, a walk of the whole table by every device would gather a
+        # vocab-split table and has no sharding for data-parallel tokens' gradients: each
+        # device walks its own rows for its own tokens instead (a shard_map).
+        from jaxembed import sharding
+
+        vocab_axis, batch_axes = split
+        return sharding.vocab_parallel_attend_cross_entropy(
+            params, query, labels, vocab_axis=vocab_axis, batch_axes=batch_axes, **options
+        )
     tokens = setup.query.shape[0]
     table_input, frozen = walk_input(table, setup.dtype)
     static = (setup.chunk(tokens, table.input_dim), setup.logit_soft_cap, setup.scale, frozen)
@@ -256,6 +274,38 @@ def attend_cross_entropy(
     )
     losses = _losses_from_statistics(*statistics, setup.smoothing, setup.z_loss, table.input_dim)
     return setup.reduce(losses)
+
+
+def _explicit_split(table: _table.Table, query: jax.Array) -> tuple[Any, Any] | None:
+    """`(vocab_axis, batch_axes)` when an Explicit mesh splits the table's rows or the
+    tokens (`query`, flattened), else None (one device, Auto axes, nothing split).
+
+    A table split by rows and columns (FSDP-style) is walked by rows, each row shard's
+    columns gathered first, as FSDP gathers every weight before use. A table split by
+    columns alone is refused: every chunk of logits would be summed across devices.
+    """
+    vocab_axis = _mesh.explicit_row_axes(table.leading)
+    batch_axes = _mesh.explicit_row_axes(query)
+    columns = _mesh.explicit_column_axes(table.leading)
+    if vocab_axis is None and batch_axes is None and columns is None:
+        return None
+    caller = "attend_cross_entropy on an Explicit mesh"
+    _table.refuse(table, caller)
+    if vocab_axis is None and columns is not None:
+        raise ValueError(
+            f"{caller} walks the vocabulary by rows; a table split by columns alone "
+            f"({jax.typeof(table.leading).sharding.spec}) would need every chunk of logits "
+            "summed across devices, traffic as large as the logits themselves. Split the "
+            "table by rows (`P(vocab_axis, None)`, vocab-parallel) or keep it whole."
+        )
+    if vocab_axis is not None and not isinstance(vocab_axis, str):
+        raise ValueError(
+            f"{caller} needs the table's rows split over one mesh axis; they are split over "
+            f"{vocab_axis}."
+        )
+    if vocab_axis is not None and vocab_axis in _mesh.axes_of(batch_axes):
+        batch_axes = None  # every device needs all tokens against its own rows
+    return vocab_axis, batch_axes
 
 
 # The walk: a table (the whole one, or a shard of it in

@@ -35,9 +35,10 @@ axis).
 
 `vocab_parallel_attend_cross_entropy` is `jaxembed.attend_cross_entropy` on a vocab-sharded
 table: each shard walks its own rows for its own tokens and only per-token statistics cross
-devices (a partial logsumexp, the label's logit, the logits' sum). Plain `jax.jit` of
-`attend_cross_entropy` on such a table is refused on Explicit axes and, on Auto axes,
-all-gathers the whole table forward and backward (JAX 0.10).
+devices (a partial logsumexp, the label's logit, the logits' sum). On Explicit axes
+`attend_cross_entropy` calls it by itself (the axes read from the arrays' types); on Auto
+axes plain `jax.jit` of `attend_cross_entropy` all-gathers the whole table forward and
+backward (JAX 0.10).
 """
 
 from __future__ import annotations
@@ -372,7 +373,7 @@ def vocab_parallel_attend_cross_entropy(
     query: ArrayLike,
     labels: ArrayLike,
     *,
-    vocab_axis: str,
+    vocab_axis: str | None,
     mesh: jax.sharding.Mesh | None = None,
     batch_axes: SpecEntry = None,
     where: ArrayLike | None = None,
@@ -399,15 +400,18 @@ def vocab_parallel_attend_cross_entropy(
     A's) stays split by rows over `vocab_axis` (summed over `batch_axes`, a table-shard-sized
     all-reduce, as in any data-parallel step); the query's is summed over `vocab_axis`.
 
-    Plain `jax.jit` of `attend_cross_entropy` on such a table is refused on Explicit axes and,
-    on Auto axes, all-gathers the whole table forward and backward (JAX 0.10).
+    On Explicit axes `attend_cross_entropy` calls this function by itself, with the axes read
+    from the arrays' types; on Auto axes its plain `jax.jit` all-gathers the whole table
+    forward and backward (the partitioner's choice, JAX 0.10).
 
     Args:
         params: from `init` / `enable_lora`; input_dim divisible by the `vocab_axis` size.
         query: floating `(..., output_dim)`; with `batch_axes`, of rank >= 2, its first
             dimension divisible by their size.
         labels: integer `query.shape[:-1]`.
-        vocab_axis: mesh axis that splits the vocabulary.
+        vocab_axis: mesh axis that splits the vocabulary; None: the table is whole on
+            every device (data parallelism alone: each device walks the whole table for its
+            own tokens, and the table's gradient is summed over `batch_axes`).
         mesh: the device mesh (Auto or Explicit axes); None takes the mesh in the params' or
             query's types, else the one set with `jax.set_mesh`.
         batch_axes: mesh axis (or axes) that split the query's first dimension, or None.
@@ -447,7 +451,7 @@ def vocab_parallel_attend_cross_entropy(
         or _mesh.explicit_mesh(table.leading, query)
         or _context_mesh(caller, "the params or query")
     )
-    shards = _vocab_axis_size(mesh, vocab_axis, input_dim, caller)
+    shards = 1 if vocab_axis is None else _vocab_axis_size(mesh, vocab_axis, input_dim, caller)
     batch = _without_trivial_axes(mesh, batch_axes)
     batch_size = int(np.prod([mesh.shape[name] for name in _mesh._axes([batch])], dtype=int))
     if batch is not None and (len(setup.positions) == 0 or setup.positions[0] % batch_size):
@@ -467,12 +471,17 @@ def vocab_parallel_attend_cross_entropy(
     def local_losses(table_shards, adapter_shards, shard_query, shard_labels):
         table_shard = table_shards if frozen else kind.dense(table_shards).astype(setup.dtype)
         a, b = adapter_shards or (None, None)
-        # Labels outside [0, shard_rows) name rows of other shards: no label logit here.
-        offset = jax.lax.axis_index(vocab_axis) * shard_rows
-        shard_labels = shard_labels - offset.astype(shard_labels.dtype)
+        if vocab_axis is not None:
+            # Labels outside [0, shard_rows) name rows of other shards: no label logit here.
+            offset = jax.lax.axis_index(vocab_axis) * shard_rows
+            shard_labels = shard_labels - offset.astype(shard_labels.dtype)
         lse, label_logit, logit_sum = loss._partial_statistics(
             static, *_varying_alike(shard_query, table_shard, a, b), None, shard_labels
         )
+        if vocab_axis is None:  # the whole table here: the statistics are complete
+            return loss._losses_from_statistics(
+                lse, label_logit, logit_sum, setup.smoothing, setup.z_loss, input_dim
+            )
         # One pmax and one psum of a few numbers per token combine the shards.
         top = jax.lax.pmax(jax.lax.stop_gradient(lse), vocab_axis)
         sums = jax.lax.psum(jnp.stack([jnp.exp(lse - top), label_logit, logit_sum]), vocab_axis)

@@ -10,6 +10,7 @@ import functools
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
@@ -144,3 +145,70 @@ def test_vocab_parallel_per_position_losses_and_fill():
     assert jax.typeof(losses).sharding.spec[0] == "data"  # the mesh read from the types
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
     assert np.isnan(np.asarray(losses)[1, 0]) and np.asarray(losses)[1, 1] == 0
+
+
+# Plain `attend_cross_entropy` on Explicit axes: the mesh's split is read from the arrays'
+# types and the shard_map walk runs by itself, with no argument (the default must work in a
+# plain jitted step). Rows over "model" or "data" and columns over "model" (FSDP-style);
+# the table whole with data-parallel tokens.
+EXPLICIT_LAYOUTS = {
+    "vocab-parallel": (P("model", None), P("data", None, None)),
+    "vocab-parallel, tokens whole": (P("model", None), P(None, None, None)),
+    "rows and columns": (P("data", "model"), P("data", None, None)),
+    "table whole, data-parallel": (P(None, None), P("data", None, None)),
+    "table whole, tokens over model": (P(None, None), P("model", None, None)),
+}
+
+
+def place_explicit(mesh, table_spec, query_spec):
+    params, query, labels, mask = inputs()
+    specs = {
+        "embeddings": table_spec,
+        "lora_embeddings_a": P(table_spec[0], None),
+        "lora_embeddings_b": P(None, None),
+    }
+    params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
+    query = jax.device_put(query, NamedSharding(mesh, query_spec))
+    labels, mask = (
+        jax.device_put(x, NamedSharding(mesh, P(*query_spec[:2]))) for x in (labels, mask)
+    )
+    return params, query, labels, mask
+
+
+@pytest.mark.parametrize("layout", list(EXPLICIT_LAYOUTS))
+def test_plain_loss_on_explicit_axes_equals_unsharded(layout):
+    mesh = make_mesh("explicit")
+    table_spec, query_spec = EXPLICIT_LAYOUTS[layout]
+    args = place_explicit(mesh, table_spec, query_spec)
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(value_and_grads(fused)).lower(*args).compile()
+        value, (param_grads, query_grad) = compiled(*args)
+    expected_value, (expected_param_grads, expected_query_grad) = reference()
+    chex.assert_trees_all_close(value, expected_value, rtol=1e-5)
+    chex.assert_trees_all_close(query_grad, expected_query_grad, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(param_grads, expected_param_grads, rtol=1e-5, atol=1e-6)
+    assert param_grads["embeddings"].sharding.spec == table_spec  # gradients keep the layout
+    found = _hlo.collectives(compiled.as_text())
+    if table_spec == P("model", None):  # vocab-parallel: statistics move, never the table
+        assert not _hlo.all_gathers(compiled.as_text(), (V, D)), found
+        assert max(c.nbytes for c in found) < LOGITS_BLOCK_BYTES, found
+
+
+@pytest.mark.parametrize(
+    "table_spec", [P(None, "model"), P(None, ("data", "model"))], ids=["columns", "columns2"]
+)
+def test_plain_loss_refuses_a_table_split_by_columns_alone(table_spec):
+    mesh = make_mesh("explicit")
+    args = place_explicit(mesh, table_spec, P("data", None, None))
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"a table split by columns alone"):
+        jax.jit(fused)(*args)
+
+
+def test_plain_loss_on_explicit_axes_refuses_trainable_tokens():
+    mesh = make_mesh("explicit")
+    params, query, labels, mask = place_explicit(mesh, P("model", None), P("data", None, None))
+    params = jaxembed.enable_trainable_tokens(
+        {"embeddings": params["embeddings"]}, jnp.array([1, 5])
+    )
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"does not support trainable tokens"):
+        jax.jit(fused)(params, query, labels, mask)

@@ -166,7 +166,8 @@ def test_vocab_parallel_loss(runs, case):
 
 
 @cases("plain_loss")
-def test_plain_loss_on_auto_axes(runs, case):
+def test_plain_loss(runs, case):
+    # attend_cross_entropy with no mesh argument: vocab-parallel by itself on Explicit axes.
     check(runs, case, ["loss", "query", *LAYOUTS["vocab"]])
 
 
