@@ -54,6 +54,16 @@ def explicit_column_axes(array: jax.Array) -> SpecEntry:
     return _spec(array)[-1] if explicit_mesh(array) is not None and array.ndim else None
 
 
+def like(array: jax.Array, reference: Any) -> jax.Array:
+    """`array` with `reference`'s sharding on an Explicit mesh (if they differ), else as is."""
+    if explicit_mesh(reference) is None:
+        return array
+    sharding = jax.typeof(reference).sharding
+    return (
+        array if jax.typeof(array).sharding == sharding else jax.sharding.reshard(array, sharding)
+    )
+
+
 def axes_of(entry: SpecEntry) -> set[str]:
     """The mesh axis names of one PartitionSpec entry."""
     return _axes([entry])

@@ -28,10 +28,10 @@ already inside `shard_map` or wants the communication spelled out.
 `vocab_parallel_update` is the training side for the row-wise optimizers of `jaxembed.sparse`
 on a vocab-sharded table: each shard updates only the rows it owns, and only id- and row-sized
 arrays cross devices (two all-gathers over the batch axes: the ids and the row gradients).
-Plain `jax.jit(optimizer.update)` on such a table is refused on Explicit axes (its `jnp.unique`
-sorts ids sharded over the batch; JAX 0.10) and, on Auto axes, moves row-sized arrays too but
-more of them (all-reduces of the touched rows of the table and of the state over the vocab
-axis).
+On Explicit axes `optimizer.update` calls it by itself (the axes read from the arrays' types;
+a global `jnp.unique` of ids sharded over the batch has no sharding there); on Auto axes
+plain `jax.jit(optimizer.update)` moves row-sized arrays too but more of them (all-reduces of
+the touched rows of the table and of the state over the vocab axis).
 
 `vocab_parallel_attend_cross_entropy` is `jaxembed.attend_cross_entropy` on a vocab-sharded
 table: each shard walks its own rows for its own tokens and only per-token statistics cross
@@ -215,7 +215,7 @@ def vocab_parallel_update(
     ids: ArrayLike,
     row_grads: ArrayLike,
     *,
-    vocab_axis: str,
+    vocab_axis: str | None,
     mesh: jax.sharding.Mesh | None = None,
     batch_axes: SpecEntry = None,
     out_of_range: str = "error",
@@ -241,7 +241,8 @@ def vocab_parallel_update(
         ids: integer array of rank >= 1; its first dimension is split over `batch_axes`.
         row_grads: `ids.shape + (output_dim,)`, the gradient with respect to the looked-up
             rows (`jaxembed.sparse.value_and_row_grads`), split like the ids.
-        vocab_axis: mesh axis that splits the vocabulary.
+        vocab_axis: mesh axis that splits the vocabulary; None: the table is whole on
+            every device (data parallelism alone: each device applies every id's update).
         mesh: the device mesh (Auto or Explicit axes); None takes the mesh in the arrays'
             types, else the one set with `jax.set_mesh`.
         batch_axes: mesh axis (or axes) that split the ids' first dimension, or None.
@@ -302,7 +303,8 @@ def vocab_parallel_update(
         or _mesh.explicit_mesh(table, ids, row_grads)
         or _context_mesh(caller, "the table or ids")
     )
-    _vocab_axis_size(mesh, vocab_axis, input_dim, caller)
+    if vocab_axis is not None:
+        _vocab_axis_size(mesh, vocab_axis, input_dim, caller)
     policy = _out_of_range.policy(out_of_range)
     # The policy's check, once, on the global ids ("error" raises or reports through
     # checkify); then every bad id is one no shard owns, as in `optimizer.update`.
@@ -317,7 +319,8 @@ def vocab_parallel_update(
                 for x in (batch_ids, batch_grads)
             )
         shard_rows = table_shard.shape[0]
-        local = batch_ids - jax.lax.axis_index(vocab_axis) * shard_rows
+        first_row = 0 if vocab_axis is None else jax.lax.axis_index(vocab_axis) * shard_rows
+        local = batch_ids - first_row
         owned = _out_of_range.Indices(batch_ids, fill=True).valid(input_dim)
         owned &= (local >= 0) & (local < shard_rows)
         local = jnp.where(owned, local, -1)  # not this shard's: dropped by "fill"

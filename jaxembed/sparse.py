@@ -91,6 +91,11 @@ class RowwiseOptimizer(NamedTuple):
     `ids.shape + (output_dim,)`. An id outside `[0, input_dim)` writes nothing under every
     policy; "error" also raises, as `jaxembed.apply` does.
 
+    On a mesh with Explicit axes, `update` of a table split by rows, or of ids split over the
+    batch, runs `jaxembed.sharding.vocab_parallel_update` with the axes read from the arrays'
+    types: each device updates its own rows from every id of the step, and the table and
+    state come back in the layouts they came in.
+
     `init` and `update` raise `TypeError` for a non-floating table, non-integer ids or
     non-floating row_grads; `ValueError` for a table that is not 2-D, a state from another
     optimizer or table, misshapen row_grads or an unknown policy; `IndexError` for an
@@ -212,6 +217,23 @@ def _placed_like(table: jax.Array, count: jax.Array, rows: tuple[jax.Array, ...]
     )
 
 
+def _explicit_split(table: jax.Array, ids: Any) -> tuple[Any, Any] | None:
+    """`(vocab_axis, batch_axes)` when an Explicit mesh splits the table's rows or the ids'
+    first dimension, else None (one device, Auto axes, nothing split)."""
+    vocab_axis = _mesh.explicit_row_axes(table)
+    batch_axes = _mesh.explicit_row_axes(ids) if isinstance(ids, jax.Array) else None
+    if vocab_axis is None and batch_axes is None:
+        return None
+    if vocab_axis is not None and not isinstance(vocab_axis, str):
+        raise ValueError(
+            "A row-wise update on an Explicit mesh needs the table's rows split over one mesh "
+            f"axis; they are split over {vocab_axis}."
+        )
+    if vocab_axis is not None and vocab_axis in _mesh.axes_of(batch_axes):
+        batch_axes = None  # every device needs every id: its rows may be named by any
+    return vocab_axis, batch_axes
+
+
 def _rowwise(
     learning_rate: float | optax.Schedule,
     state_rows: Callable[[jax.Array], tuple[jax.Array, ...]],
@@ -233,6 +255,25 @@ def _rowwise(
         out_of_range: str = "error",
     ) -> tuple[jax.Array, RowwiseState]:
         table = check_table(table)
+        if (split := _explicit_split(table, ids)) is not None:
+            # On an Explicit mesh a global `jnp.unique` of sharded ids has no sharding, and a
+            # vocab-split table has rows to touch on every device: each device updates its
+            # own rows from every id of the step instead (a shard_map).
+            from jaxembed import sharding
+
+            new_table, new_state = sharding.vocab_parallel_update(
+                RowwiseOptimizer(init, update),
+                table,
+                state,
+                ids,
+                row_grads,
+                vocab_axis=split[0],
+                batch_axes=split[1],
+                out_of_range=out_of_range,
+            )
+            # Back to the layouts passed in (a table also split by columns, say): a step's
+            # outputs must take its inputs' places.
+            return jax.tree.map(_mesh.like, (new_table, new_state), (table, state))
         input_dim, output_dim = table.shape
         _check_state(state, state_rows, table)
         unique, summed = _touched_rows(ids, row_grads, input_dim, output_dim, out_of_range)

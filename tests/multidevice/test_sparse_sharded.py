@@ -255,3 +255,40 @@ def test_init_places_the_state_on_the_tables_mesh(name, jitted):
     # The control: a table on one device gives a state on one device.
     single = OPTIMIZERS[name]().init(initial_table())
     assert not isinstance(single.count.sharding, NamedSharding)
+
+
+# Plain `optimizer.update` on Explicit axes: the split is read from the arrays' types and the
+# vocab-parallel update runs by itself, with no argument (a plain jitted step must work); the
+# table and the state come back in the layouts they came in.
+EXPLICIT_LAYOUTS = {
+    "vocab-parallel": (P("model", None), P("data", None)),
+    "vocab-parallel, ids whole": (P("model", None), P(None, None)),
+    "rows and columns": (P("data", "model"), P("data", None)),
+    "table whole, data-parallel ids": (P(None, None), P("data", None)),
+    "columns, data-parallel ids": (P(None, "model"), P("data", None)),
+}
+
+
+@pytest.mark.parametrize("layout", list(EXPLICIT_LAYOUTS))
+@pytest.mark.parametrize("name", ["sgd", "lazy_adam"])
+def test_plain_update_on_explicit_axes(name, layout):
+    optimizer = OPTIMIZERS[name]()
+    mesh = make_mesh("explicit")
+    table_spec, ids_spec = EXPLICIT_LAYOUTS[layout]
+    with jax.set_mesh(mesh):
+        table = put(mesh, initial_table(), *table_spec)
+        state = optimizer.init(table)
+        layouts = jax.tree.map(lambda x: x.sharding, (table, state))
+        step = jax.jit(optimizer.update)
+        for i in range(STEPS):
+            ids, grads = (
+                put(mesh, step_ids(i), *ids_spec),
+                put(mesh, step_grads(i), *ids_spec, None),
+            )
+            table, state = step(table, state, ids, grads)
+    assert jax.tree.map(lambda x: x.sharding, (table, state)) == layouts
+    tolerance = {"rtol": 0, "atol": 0} if name == "sgd" else {"rtol": 1e-6, "atol": 0}
+    chex.assert_trees_all_close(jax.device_get((table, state)), unsharded(name), **tolerance)
+    if table_spec == P("model", None):  # only id- and row-sized traffic, as the explicit call
+        text = _hlo.compiled_text(step, table, state, ids, grads)
+        assert max((c.nbytes for c in _hlo.collectives(text)), default=0) < SHARD_BYTES

@@ -166,9 +166,10 @@ def run_case(case: scenarios.Case, ctx: Context, hlo: dict) -> dict[str, jax.Arr
             put=ctx.placer.batch,
             inspect=inspect if checked else None,
         )
-    if name == "sparse_training":
+    if name in ("sparse_training", "plain_sparse_training"):
+        explicit_call = mesh if name == "sparse_training" else None
         return scenarios.train_sparse(
-            plain["embeddings"], body, data["sparse_ids"], mesh=mesh, put=ctx.placer.batch
+            plain["embeddings"], body, data["sparse_ids"], mesh=explicit_call, put=ctx.placer.batch
         )
     loss_args = (adapted, batch["query"], batch["labels"], batch["mask"])
     if name == "vocab_parallel_loss":

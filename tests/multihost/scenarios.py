@@ -119,6 +119,8 @@ CASES = {
     "lora_training": _cases("lora_training")
     + _cases("lora_training", MESHES[:1], ("auto",), ("vocab",)),
     "sparse_training": _cases("sparse_training", layouts=("vocab",)),
+    # optimizer.update with no mesh argument: vocab-parallel by itself on Explicit axes.
+    "plain_sparse_training": _cases("plain_sparse_training", layouts=("vocab",)),
     "vocab_parallel_loss": _cases("vocab_parallel_loss", layouts=("vocab",)),
     "plain_loss": _cases("plain_loss", layouts=("vocab",))
     + _cases("plain_loss", MESHES[1:], ("auto",), ("vocab",)),

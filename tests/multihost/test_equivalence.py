@@ -80,6 +80,7 @@ def reference(scenario: str) -> dict[str, np.ndarray]:
         ),
         "vocab_parallel_loss": lambda: jax.jit(scenarios.fused_loss)(*loss_args),
         "plain_loss": lambda: reference("vocab_parallel_loss"),
+        "plain_sparse_training": lambda: reference("sparse_training"),
         "quantized": lambda: jax.jit(scenarios.quantized)(
             {fmt: scenarios.quantized_params(fmt) for fmt in scenarios.QUANTIZED}, ids, query
         ),
@@ -145,6 +146,17 @@ def test_lora_training(runs, case):
 @cases("sparse_training")
 @pytest.mark.parametrize("optimizer", list(scenarios.SPARSE_OPTIMIZERS))
 def test_sparse_training(runs, case, optimizer):
+    check_sparse_training(runs, case, optimizer)
+
+
+@cases("plain_sparse_training")
+@pytest.mark.parametrize("optimizer", list(scenarios.SPARSE_OPTIMIZERS))
+def test_plain_sparse_training(runs, case, optimizer):
+    # optimizer.update with no mesh argument: vocab-parallel by itself on Explicit axes.
+    check_sparse_training(runs, case, optimizer)
+
+
+def check_sparse_training(runs, case, optimizer):
     expected = reference("sparse_training")
     prefix = f"{optimizer}/"
     names = [key for key in expected if key.startswith(prefix)]
