@@ -83,6 +83,16 @@ def reference():
     return jax.jit(value_and_grads(fused))(params, query, labels, mask)
 
 
+def assert_equals_reference(value_and_grads):
+    """The loss and its gradients equal the unsharded ones; returns the params' gradients."""
+    value, (param_grads, query_grad) = value_and_grads
+    expected_value, (expected_param_grads, expected_query_grad) = reference()
+    chex.assert_trees_all_close(value, expected_value, rtol=1e-5)
+    chex.assert_trees_all_close(query_grad, expected_query_grad, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(param_grads, expected_param_grads, rtol=1e-5, atol=1e-6)
+    return param_grads
+
+
 @pytest.mark.parametrize("kind", list(AXIS_TYPES))
 def test_vocab_parallel_loss_equals_unsharded_without_logits_sized_traffic(kind):
     mesh = make_mesh(kind)
@@ -101,11 +111,7 @@ def test_vocab_parallel_loss_equals_unsharded_without_logits_sized_traffic(kind)
         )
 
     compiled = jax.jit(value_and_grads(parallel)).lower(*args).compile()
-    value, (param_grads, query_grad) = compiled(*args)
-    expected_value, (expected_param_grads, expected_query_grad) = reference()
-    chex.assert_trees_all_close(value, expected_value, rtol=1e-5)
-    chex.assert_trees_all_close(query_grad, expected_query_grad, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(param_grads, expected_param_grads, rtol=1e-5, atol=1e-6)
+    param_grads = assert_equals_reference(compiled(*args))
     for name in ["embeddings", "lora_embeddings_a"]:  # their gradients stay split by rows
         assert param_grads[name].sharding.spec[0] == "model", name
 
@@ -182,11 +188,7 @@ def test_plain_loss_on_explicit_axes_equals_unsharded(layout):
     args = place_explicit(mesh, table_spec, query_spec)
     with jax.set_mesh(mesh):
         compiled = jax.jit(value_and_grads(fused)).lower(*args).compile()
-        value, (param_grads, query_grad) = compiled(*args)
-    expected_value, (expected_param_grads, expected_query_grad) = reference()
-    chex.assert_trees_all_close(value, expected_value, rtol=1e-5)
-    chex.assert_trees_all_close(query_grad, expected_query_grad, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(param_grads, expected_param_grads, rtol=1e-5, atol=1e-6)
+        param_grads = assert_equals_reference(compiled(*args))
     assert param_grads["embeddings"].sharding.spec == table_spec  # gradients keep the layout
     found = _hlo.collectives(compiled.as_text())
     if table_spec == P("model", None):  # vocab-parallel: statistics move, never the table

@@ -134,20 +134,24 @@ def test_two_processes_compute_what_one_does(multi, single):
     assert results["placements"] == reference["placements"]  # the same global layout
 
 
-def test_the_table_is_never_all_gathered(multi):
+def test_the_checks_of_one_process_hold_across_two(multi, single):
+    # tests/test_example_sharded_finetune.py checks these in one process; here they must come
+    # out the same with the blocks in two processes, compared on device.
     results, _ = multi
+    reference, _ = single
+    for key in (
+        "table_unchanged",
+        "full_table_shape",
+        "all_gathered_shapes",
+        "table_all_gathered",
+        "lora_a_all_gathered",
+        "control_gather_detected",
+        "vocab_parallel_equal",
+    ):
+        assert results[key] == reference[key], key
     assert results["table_unchanged"] is True
-    assert results["full_table_shape"] == f"f32[{VOCAB},{DIM}]"
-    assert f"f32[{VOCAB},{DIM}]" not in results["all_gathered_shapes"]
-    assert results["table_all_gathered"] is False
-    assert results["lora_a_all_gathered"] is False
-    assert results["collectives"], "a data- and vocab-parallel step must communicate"
-    # The same search does find a deliberate gather of the table.
-    assert results["control_gather_detected"] is True
-
-
-def test_vocab_parallel_apply_equals_apply_across_processes(multi):
-    results, _ = multi
+    assert results["table_all_gathered"] is False and results["lora_a_all_gathered"] is False
+    assert results["control_gather_detected"] is True  # the search does find a real gather
     assert results["vocab_parallel_equal"] is True
     assert results["vocab_parallel_max_abs_diff"] <= 1e-6
 
