@@ -388,7 +388,7 @@ def initialize(
         process_id = _int_from_env(PROCESS_ID)
     if _cpu_only():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if exit_on_error:
+    if exit_on_error and not getattr(sys.excepthook, "_exits", False):
         sys.excepthook = _exit_after(sys.excepthook)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
@@ -407,6 +407,7 @@ def _exit_after(excepthook):
         sys.stderr.flush()
         os._exit(1)
 
+    hook._exits = True  # installed once, however often initialize is called
     return hook
 
 
