@@ -48,6 +48,30 @@ def explicit_row_axes(array: jax.Array) -> SpecEntry:
     return _spec(array)[0] if explicit_mesh(array) is not None and array.ndim else None
 
 
+def vocab_parallel_axes(table: jax.Array, batch: Any, caller: str) -> tuple[Any, Any] | None:
+    """`(vocab_axis, batch_axes)` of the vocab-parallel program for `table` and a `batch`
+    array (ids or tokens, first dimension the batch) on an Explicit mesh: the axis splitting
+    the table's rows (None: whole) and those splitting the batch (None: whole). None when
+    neither is split (one device, Auto axes, nothing split). A batch split over the vocab
+    axis is made whole: every device needs the whole batch against its own rows.
+
+    Raises:
+        ValueError: the table's rows split over several mesh axes.
+    """
+    vocab_axis = explicit_row_axes(table)
+    batch_axes = explicit_row_axes(batch) if isinstance(batch, jax.Array) else None
+    if vocab_axis is None and batch_axes is None:
+        return None
+    if vocab_axis is not None and not isinstance(vocab_axis, str):
+        raise ValueError(
+            f"{caller} needs the table's rows split over one mesh axis; they are split over "
+            f"{vocab_axis}."
+        )
+    if vocab_axis is not None and vocab_axis in _axes([batch_axes]):
+        batch_axes = None
+    return vocab_axis, batch_axes
+
+
 def explicit_column_axes(array: jax.Array) -> SpecEntry:
     """The mesh axis (or axes) splitting `array`'s last dimension on an Explicit mesh, else
     None."""
@@ -62,11 +86,6 @@ def like(array: jax.Array, reference: Any) -> jax.Array:
     return (
         array if jax.typeof(array).sharding == sharding else jax.sharding.reshard(array, sharding)
     )
-
-
-def axes_of(entry: SpecEntry) -> set[str]:
-    """The mesh axis names of one PartitionSpec entry."""
-    return _axes([entry])
 
 
 def _spec(array: Any) -> tuple[SpecEntry, ...]:

@@ -278,34 +278,26 @@ def attend_cross_entropy(
 
 def _explicit_split(table: _table.Table, query: jax.Array) -> tuple[Any, Any] | None:
     """`(vocab_axis, batch_axes)` when an Explicit mesh splits the table's rows or the
-    tokens (`query`, flattened), else None (one device, Auto axes, nothing split).
+    tokens (`query`, flattened), else None (`_mesh.vocab_parallel_axes`).
 
     A table split by rows and columns (FSDP-style) is walked by rows, each row shard's
     columns gathered first, as FSDP gathers every weight before use. A table split by
     columns alone is refused: every chunk of logits would be summed across devices.
     """
-    vocab_axis = _mesh.explicit_row_axes(table.leading)
-    batch_axes = _mesh.explicit_row_axes(query)
-    columns = _mesh.explicit_column_axes(table.leading)
-    if vocab_axis is None and batch_axes is None and columns is None:
-        return None
     caller = "attend_cross_entropy on an Explicit mesh"
+    split = _mesh.vocab_parallel_axes(table.leading, query, caller)
+    columns = _mesh.explicit_column_axes(table.leading)
+    if split is None and columns is None:
+        return None
     _table.refuse(table, caller)
-    if vocab_axis is None and columns is not None:
+    if (split is None or split[0] is None) and columns is not None:
         raise ValueError(
             f"{caller} walks the vocabulary by rows; a table split by columns alone "
             f"({jax.typeof(table.leading).sharding.spec}) would need every chunk of logits "
             "summed across devices, traffic as large as the logits themselves. Split the "
             "table by rows (`P(vocab_axis, None)`, vocab-parallel) or keep it whole."
         )
-    if vocab_axis is not None and not isinstance(vocab_axis, str):
-        raise ValueError(
-            f"{caller} needs the table's rows split over one mesh axis; they are split over "
-            f"{vocab_axis}."
-        )
-    if vocab_axis is not None and vocab_axis in _mesh.axes_of(batch_axes):
-        batch_axes = None  # every device needs all tokens against its own rows
-    return vocab_axis, batch_axes
+    return split
 
 
 # The walk: a table (the whole one, or a shard of it in

@@ -217,23 +217,6 @@ def _placed_like(table: jax.Array, count: jax.Array, rows: tuple[jax.Array, ...]
     )
 
 
-def _explicit_split(table: jax.Array, ids: Any) -> tuple[Any, Any] | None:
-    """`(vocab_axis, batch_axes)` when an Explicit mesh splits the table's rows or the ids'
-    first dimension, else None (one device, Auto axes, nothing split)."""
-    vocab_axis = _mesh.explicit_row_axes(table)
-    batch_axes = _mesh.explicit_row_axes(ids) if isinstance(ids, jax.Array) else None
-    if vocab_axis is None and batch_axes is None:
-        return None
-    if vocab_axis is not None and not isinstance(vocab_axis, str):
-        raise ValueError(
-            "A row-wise update on an Explicit mesh needs the table's rows split over one mesh "
-            f"axis; they are split over {vocab_axis}."
-        )
-    if vocab_axis is not None and vocab_axis in _mesh.axes_of(batch_axes):
-        batch_axes = None  # every device needs every id: its rows may be named by any
-    return vocab_axis, batch_axes
-
-
 def _rowwise(
     learning_rate: float | optax.Schedule,
     state_rows: Callable[[jax.Array], tuple[jax.Array, ...]],
@@ -255,7 +238,8 @@ def _rowwise(
         out_of_range: str = "error",
     ) -> tuple[jax.Array, RowwiseState]:
         table = check_table(table)
-        if (split := _explicit_split(table, ids)) is not None:
+        caller = "A row-wise update on an Explicit mesh"
+        if (split := _mesh.vocab_parallel_axes(table, ids, caller)) is not None:
             # On an Explicit mesh a global `jnp.unique` of sharded ids has no sharding, and a
             # vocab-split table has rows to touch on every device: each device updates its
             # own rows from every id of the step instead (a shard_map).
