@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -41,3 +42,21 @@ def resolve(
         f"`{argument}` must be one of {valid} or a callable. "
         f"Received: {argument}={_checks.describe(identifier)}."
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """`function(*arguments, x)`: a built-in regularizer or constraint with its
+    hyperparameters, compared and hashed by value. Two layers given `l2(0.1)` (or "l2")
+    then have equal configs: one NNX graphdef and one jit trace, where closures would
+    differ by identity."""
+
+    name: str
+    function: Callable[..., Any]
+    arguments: tuple[Any, ...] = ()
+
+    def __call__(self, x: Any) -> Any:
+        return self.function(*self.arguments, x)
+
+    def __repr__(self) -> str:
+        return f"{self.name}({', '.join(map(repr, self.arguments))})"

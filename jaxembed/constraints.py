@@ -70,13 +70,12 @@ def max_norm(max_value: float = 2.0, axis: int = 0) -> Constraint:
         [2.0, 1.0]
     """
     max_value = _checks.non_negative_float("max_value", max_value)
-    axis = _checks.axis_of_matrix("axis", axis)
+    return _registry.Bound("max_norm", _max_norm, (max_value, _checks.axis_of_matrix("axis", axis)))
 
-    def project(w: jax.Array) -> jax.Array:
-        norms = _column_norms(w, axis)
-        return w * (jnp.clip(norms, 0, max_value) / (_EPSILON + norms))
 
-    return project
+def _max_norm(max_value: float, axis: int, w: jax.Array) -> jax.Array:
+    norms = _column_norms(w, axis)
+    return w * (jnp.clip(norms, 0, max_value) / (_EPSILON + norms))
 
 
 def min_max_norm(
@@ -96,17 +95,21 @@ def min_max_norm(
         >>> jnp.linalg.norm(projected, axis=1).round(4).tolist()
         [1.0, 2.0]
     """
-    min_value = _checks.non_negative_float("min_value", min_value)
-    max_value = _checks.non_negative_float("max_value", max_value)
-    rate = _checks.non_negative_float("rate", rate)
-    axis = _checks.axis_of_matrix("axis", axis)
+    arguments = (
+        _checks.non_negative_float("min_value", min_value),
+        _checks.non_negative_float("max_value", max_value),
+        _checks.non_negative_float("rate", rate),
+        _checks.axis_of_matrix("axis", axis),
+    )
+    return _registry.Bound("min_max_norm", _min_max_norm, arguments)
 
-    def project(w: jax.Array) -> jax.Array:
-        norms = _column_norms(w, axis)
-        desired = rate * jnp.clip(norms, min_value, max_value) + (1 - rate) * norms
-        return w * (desired / (_EPSILON + norms))
 
-    return project
+def _min_max_norm(
+    min_value: float, max_value: float, rate: float, axis: int, w: jax.Array
+) -> jax.Array:
+    norms = _column_norms(w, axis)
+    desired = rate * jnp.clip(norms, min_value, max_value) + (1 - rate) * norms
+    return w * (desired / (_EPSILON + norms))
 
 
 def non_neg() -> Constraint:
@@ -117,7 +120,11 @@ def non_neg() -> Constraint:
         >>> jaxembed.constraints.non_neg()(jnp.array([[-1.0, 2.0]])).tolist()
         [[0.0, 2.0]]
     """
-    return lambda w: jnp.maximum(w, 0)
+    return _registry.Bound("non_neg", _non_neg)
+
+
+def _non_neg(w: jax.Array) -> jax.Array:
+    return jnp.maximum(w, 0)
 
 
 def unit_norm(axis: int = 0) -> Constraint:
@@ -134,8 +141,11 @@ def unit_norm(axis: int = 0) -> Constraint:
         >>> bool(jnp.allclose(unit, jnp.array([[0.6, 0.8]])))
         True
     """
-    axis = _checks.axis_of_matrix("axis", axis)
-    return lambda w: w / (_EPSILON + _column_norms(w, axis))
+    return _registry.Bound("unit_norm", _unit_norm, (_checks.axis_of_matrix("axis", axis),))
+
+
+def _unit_norm(axis: int, w: jax.Array) -> jax.Array:
+    return w / (_EPSILON + _column_norms(w, axis))
 
 
 _FACTORIES: dict[str, Callable[[], Constraint]] = {

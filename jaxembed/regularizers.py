@@ -54,6 +54,10 @@ def _l2_penalty(factor: float, x: jax.Array) -> jax.Array:
     return (factor * jnp.sum(jnp.square(_at_least_float32(x)))).astype(x.dtype)
 
 
+def _l1_l2_penalty(factor_l1: float, factor_l2: float, x: jax.Array) -> jax.Array:
+    return _l1_penalty(factor_l1, x) + _l2_penalty(factor_l2, x)
+
+
 def l1(l1: float = 0.01) -> Regularizer:
     """Keras `L1`: `l1 * sum(|x|)`.
 
@@ -69,8 +73,7 @@ def l1(l1: float = 0.01) -> Regularizer:
         >>> float(jaxembed.regularizers.l1(0.5)(jnp.array([[-1.0, 2.0]])))
         1.5
     """
-    factor = _checks.non_negative_float("l1", l1)
-    return lambda x: _l1_penalty(factor, x)
+    return _registry.Bound("l1", _l1_penalty, (_checks.non_negative_float("l1", l1),))
 
 
 def l2(l2: float = 0.01) -> Regularizer:
@@ -84,8 +87,7 @@ def l2(l2: float = 0.01) -> Regularizer:
         >>> float(jaxembed.regularizers.l2(0.5)(jnp.array([[-1.0, 2.0]])))
         2.5
     """
-    factor = _checks.non_negative_float("l2", l2)
-    return lambda x: _l2_penalty(factor, x)
+    return _registry.Bound("l2", _l2_penalty, (_checks.non_negative_float("l2", l2),))
 
 
 def l1_l2(l1: float = 0.01, l2: float = 0.01) -> Regularizer:
@@ -103,9 +105,8 @@ def l1_l2(l1: float = 0.01, l2: float = 0.01) -> Regularizer:
         >>> float(jaxembed.regularizers.l1_l2(0.5, 0.5)(jnp.array([[-1.0, 2.0]])))
         4.0
     """
-    factor_l1 = _checks.non_negative_float("l1", l1)
-    factor_l2 = _checks.non_negative_float("l2", l2)
-    return lambda x: _l1_penalty(factor_l1, x) + _l2_penalty(factor_l2, x)
+    factors = (_checks.non_negative_float("l1", l1), _checks.non_negative_float("l2", l2))
+    return _registry.Bound("l1_l2", _l1_l2_penalty, factors)
 
 
 def orthogonal_regularizer(factor: float = 0.01, mode: str = "rows") -> Regularizer:
@@ -133,24 +134,24 @@ def orthogonal_regularizer(factor: float = 0.01, mode: str = "rows") -> Regulari
     """
     factor = _checks.non_negative_float("factor", factor)
     _checks.one_of("mode", mode, ("rows", "columns"))
+    return _registry.Bound("orthogonal_regularizer", _orthogonal_penalty, (factor, mode))
+
+
+def _orthogonal_penalty(factor: float, mode: str, matrix: jax.Array) -> jax.Array:
     axis = 1 if mode == "rows" else 0
-
-    def penalty(matrix: jax.Array) -> jax.Array:
-        x = _at_least_float32(matrix)
-        squared_norms = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-        # Keras's floor on 1/norm, written so that a zero row differentiates to 0, not NaN.
-        floor = _EPSILON**2
-        inv_norm = jax.lax.rsqrt(jnp.maximum(squared_norms, floor))
-        unit = x * inv_norm
-        product = unit @ unit.T if mode == "rows" else unit.T @ unit
-        size = product.shape[0]
-        if size < 2:
-            return jnp.zeros((), matrix.dtype)
-        off_diagonal = product * (1.0 - jnp.eye(size, dtype=x.dtype))
-        num_pairs = size * (size - 1.0) / 2.0
-        return (factor * 0.5 * jnp.sum(jnp.abs(off_diagonal)) / num_pairs).astype(matrix.dtype)
-
-    return penalty
+    x = _at_least_float32(matrix)
+    squared_norms = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    # Keras's floor on 1/norm, written so that a zero row differentiates to 0, not NaN.
+    floor = _EPSILON**2
+    inv_norm = jax.lax.rsqrt(jnp.maximum(squared_norms, floor))
+    unit = x * inv_norm
+    product = unit @ unit.T if mode == "rows" else unit.T @ unit
+    size = product.shape[0]
+    if size < 2:
+        return jnp.zeros((), matrix.dtype)
+    off_diagonal = product * (1.0 - jnp.eye(size, dtype=x.dtype))
+    num_pairs = size * (size - 1.0) / 2.0
+    return (factor * 0.5 * jnp.sum(jnp.abs(off_diagonal)) / num_pairs).astype(matrix.dtype)
 
 
 _FACTORIES: dict[str, Callable[[], Regularizer]] = {

@@ -294,6 +294,33 @@ class TestGraphdef:
         first, second = (self.make(arguments) for arguments in CALL_TIME[case])
         assert nnx.graphdef(first) != nnx.graphdef(second)
 
+    @pytest.mark.parametrize(
+        "argument, build, other",
+        [
+            ("embeddings_regularizer", lambda: jaxembed.regularizers.l2(0.1), "l1"),
+            ("embeddings_regularizer", lambda: jaxembed.regularizers.l1_l2(0.1, 0.2), "l2"),
+            ("embeddings_regularizer", jaxembed.regularizers.orthogonal_regularizer, "l2"),
+            ("embeddings_constraint", lambda: jaxembed.constraints.max_norm(2.0), "non_neg"),
+            ("embeddings_constraint", lambda: jaxembed.constraints.unit_norm(1), "non_neg"),
+        ],
+    )
+    def test_built_in_objects_compare_by_value(self, argument, build, other):
+        # Built twice, equal: one graphdef (and one nnx.jit trace), as for the name strings.
+        first, second = (self.make({argument: build()}) for _ in range(2))
+        assert build() == build() and hash(build()) == hash(build())
+        assert nnx.graphdef(first) == nnx.graphdef(second)
+        # Another hyperparameter or another function: another graphdef.
+        assert nnx.graphdef(first) != nnx.graphdef(self.make({argument: other}))
+        module = jaxembed.regularizers if "regularizer" in argument else jaxembed.constraints
+        assert build() != module.get(other)
+
+    def test_built_in_objects_with_other_hyperparameters_differ(self):
+        l2 = jaxembed.regularizers.l2
+        assert l2(0.1) != l2(0.2) and repr(l2(0.1)) == "l2(0.1)"
+        assert nnx.graphdef(self.make({"embeddings_regularizer": l2(0.1)})) != nnx.graphdef(
+            self.make({"embeddings_regularizer": l2(0.2)})
+        )
+
     def test_nnx_jit_traces_once_for_layers_built_alike(self):
         traces = []
 
