@@ -46,6 +46,8 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
+from jaxembed import _checks
+
 __all__ = [
     "LaunchError",
     "ProcessResult",
@@ -126,13 +128,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _environment(
@@ -230,7 +225,8 @@ def launch(
     Raises:
         LaunchError: a process exited with a non-zero code or was killed by a signal, or the
             timeout passed; the message names the process(es) and holds all outputs.
-        ValueError: an empty `command`, or a non-positive count, device count or timeout.
+        ValueError: an empty `command`, a count or device count that is not a positive
+            integer, or a timeout that is not a finite positive number.
 
     Example:
         >>> import sys, jaxembed.multihost
@@ -244,10 +240,10 @@ def launch(
             f"command must be a non-empty sequence of strings (the program and its "
             f"arguments), got {command!r}"
         )
-    _positive_int("num_processes", num_processes)
-    _positive_int("devices_per_process", devices_per_process, allow_none=True)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    num_processes = _checks.positive_int("num_processes", num_processes)
+    if devices_per_process is not None:
+        devices_per_process = _checks.positive_int("devices_per_process", devices_per_process)
+    timeout = _checks.positive_number("timeout", timeout)
 
     coordinator = f"127.0.0.1:{free_port()}"
     base = dict(os.environ if env is None else env)

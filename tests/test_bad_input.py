@@ -1275,18 +1275,23 @@ class TestMultihostArguments:
     @pytest.mark.parametrize("value", [0, -1, True, 2.0, "2"])
     def test_num_processes(self, value):
         with pytest.raises(
-            ValueError, match=rf"num_processes must be a positive int, got {value!r}"
+            ValueError,
+            match=rf"`num_processes` must be a positive integer. Received: num_processes={value!r}",
         ):
             self.launch(num_processes=value)
 
     @pytest.mark.parametrize("value", [0, -4, 1.5])
     def test_devices_per_process(self, value):
-        with pytest.raises(ValueError, match=r"devices_per_process must be a positive int"):
+        with pytest.raises(
+            ValueError, match=r"`devices_per_process` must be a positive integer. Received"
+        ):
             self.launch(devices_per_process=value)
 
     @pytest.mark.parametrize("value", [0, -1.0, "60", True, float("nan")])
     def test_timeout(self, value):
-        with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds"):
+        with pytest.raises(
+            ValueError, match=r"`timeout` must be a finite positive number. Received"
+        ):
             self.launch(timeout=value)
 
     @pytest.mark.parametrize("name", ["JAXEMBED_NUM_PROCESSES", "JAXEMBED_PROCESS_ID"])
